@@ -1,0 +1,446 @@
+"""Configuration: one dataclass per TOML section, a docstring under every field.
+
+Precedence: command-line overrides (``section.key=value``) > the recipe's TOML > the defaults here.
+Unknown sections or keys and values of the wrong type are rejected with an error that names the
+key, the file (or ``command line``) and what was expected. Each component receives only its own
+section (``cfg.video``, ``cfg.rollout`` ...), never the whole config.
+
+Field docstrings are the documentation: ``fastebm train RECIPE --print-config`` prints the resolved
+config with them as comments.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema; the message names key, source, expectation."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    """Run directory: config.toml, metrics.jsonl, skipped.jsonl, checkpoints/ and logs go here."""
+    seed: int = 0
+    """Seed for Python, NumPy and torch (data order, sampling, initialisation of tiny models)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the models run: ``auto`` takes CUDA when it is available, else the CPU."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """Local directory of a Hugging Face Qwen2-VL / Qwen2.5-VL checkpoint (safetensors). No hub access."""
+    tiny: Literal["", "qwen2vl", "qwen25vl"] = ""
+    """Instead of ``path``: build a tiny random model of this family (CPU demo and tests), saved once
+    under ``tiny_cache_dir`` and then loaded through the same ``from_pretrained`` code."""
+    tiny_cache_dir: str = "~/.cache/fastebm/models"
+    """Where tiny random models are written on first use."""
+    reference_path: str = ""
+    """Frozen reference / PCG teacher model; empty means the same weights as the policy start."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Parameter dtype: ``auto`` is bfloat16 on CUDA and float32 on the CPU."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention backend: ``auto`` is SDPA (flash-attn is an optional extra)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder activations in the backward pass (saves memory, costs ~30% compute)."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Records file for training: the released EBM format, a JSON array or JSONL."""
+    cot: str = ""
+    """CoT records (with a ``process`` field) for the SFT stage."""
+    profiles: str = ""
+    """Character profiles: JSON object {data_source: {character name: profile text}}. Empty: neutral profiles."""
+    video_root: str = ""
+    """Directory that record ``video_path`` values are relative to (default: the records file's folder)."""
+    sample_dir: str = ""
+    """If set and ``train`` is empty: write the bundled sample dataset here on first use and train on it."""
+    val_fraction: float = 0.0
+    """Fraction of sessions (split by ``session_id``, never by record) held out for evaluation."""
+    split_seed: int = 0
+    """Seed of the session split."""
+    tags: list[str] = field(default_factory=lambda: ["vision", "think", "answer"])
+    """The three output tags, in order: perception, reasoning, answer (the paper's 'perception' is 'vision' in the data)."""
+    max_history_turns: int = 0
+    """Keep at most this many dialogue turns before the target line (0: all)."""
+
+
+@dataclass
+class VideoConfig:
+    backend: Literal["auto", "pyav", "dali"] = "auto"
+    """Decoder: ``auto`` picks DALI on a GPU and, on the CPU, per file the fastest backend that can decode its codec."""
+    fps: float = 2.0
+    """Frames sampled per second of video for the policy."""
+    min_frames: int = 4
+    """At least this many policy frames (clips shorter than min_frames / fps are sampled denser)."""
+    max_frames: int = 16
+    """At most this many policy frames."""
+    min_pixels: int = 4 * 28 * 28
+    """Lower bound of height x width per frame after smart_resize (multiples of 28)."""
+    max_pixels: int = 128 * 28 * 28
+    """Upper bound of height x width per frame after smart_resize (multiples of 28)."""
+    timeout_s: float = 60.0
+    """A decode that takes longer is abandoned and the sample recorded as skipped."""
+    cache_dir: str = ""
+    """Disk cache of decoded, preprocessed clips keyed by content hash and sampling parameters (empty: off)."""
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 8
+    """G: completions sampled per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 means greedy. Log-probs in the loss use the same temperature (1 when greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
+    max_new_tokens: int = 1024
+    """Completion length limit; generation stops earlier at EOS, per sample."""
+
+
+@dataclass
+class RewardsConfig:
+    enabled: list[str] = field(default_factory=lambda: ["format", "accuracy"])
+    """Rewards to compute, by registry name (format, accuracy; clip and pcg once available)."""
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"accuracy": 1.0, "format": 1.0, "clip": 0.8, "pcg": 0.8})
+    """Weight of each reward in the advantage."""
+    normalize: Literal["per_reward", "sum"] = "per_reward"
+    """``per_reward``: z-normalise each reward within its group, then weight and sum (EBM-RL).
+    ``sum``: weight and sum, then z-normalise (standard GRPO)."""
+    scale: bool = True
+    """Divide by the group std (False: only centre, as Dr. GRPO)."""
+    eps: float = 1e-4
+    """Added to the group std before dividing."""
+
+
+@dataclass
+class GRPOConfig:
+    beta: float = 0.04
+    """Weight of the k3 KL to the reference model (0: no reference pass)."""
+    epsilon_low: float = 0.2
+    """Lower clip of the importance ratio: 1 - epsilon_low."""
+    epsilon_high: float = 0.2
+    """Upper clip of the importance ratio: 1 + epsilon_high."""
+    delta: Optional[float] = None
+    """Two-sided clipping: the unclipped ratio is also capped at delta (None: off)."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    """Loss reduction, as TRL: grpo (token mean per sequence), bnpo, dr_grpo, dapo."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """Importance ratio per token (GRPO) or per sequence (GSPO)."""
+    mu: int = 1
+    """Optimisation passes over each rollout batch (>1 needs old log-probs and makes the clip active)."""
+    kernel: Literal["reference", "fused"] = "reference"
+    """Loss implementation: plain-torch reference, or the fused Triton kernels (fastebm.kernels)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Number of GRPO steps (each: rollout, scoring, mu optimiser updates)."""
+    prompts_per_step: int = 2
+    """Prompts per step; each gets ``rollout.group_size`` completions."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward; gradients are accumulated over the step's micro-batches."""
+    lr: float = 1e-6
+    """Peak learning rate of AdamW."""
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    """Decay after warmup: cosine to ``min_lr_ratio * lr``, or constant."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 over this many optimiser steps."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the cosine schedule as a fraction of ``lr``."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0: off)."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Keep the newest N checkpoints (0: keep all)."""
+    resume: str = "false"
+    """``false``, ``true`` (newest checkpoint of output_dir) or a checkpoint directory path."""
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True
+    """Show a progress bar with ETA."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars to ``output_dir/tb`` (needs the ``tensorboard`` extra)."""
+    samples_every: int = 0
+    """Write one rollout's completions to samples.jsonl every N steps (0: never)."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"a table of {_describe(k)} -> {_describe(v)}"
+    if tp is type(None):
+        return "none"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp, key: str, source: str) -> Any:
+    def bad():
+        return ConfigError(f"{source}: {key} = {value!r}: expected {_describe(tp)}")
+
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) is type(typing.get_args(tp)[0]):
+            return value
+        raise bad()
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, source)
+            except ConfigError:
+                pass
+        raise bad()
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad()
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        kt, vt = typing.get_args(tp)
+        return {_coerce(k, kt, key, source): _coerce(v, vt, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool):  # resume = true / false in TOML
+            return "true" if value else "false"
+        raise bad()
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad()
+        return _build(tp, value, key, source)
+    raise bad()
+
+
+def _build(cls, table: dict, prefix: str, source: str, base=None):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    obj = base if base is not None else cls()
+    for k, v in table.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            what = "section" if not prefix else "key"
+            raise ConfigError(f"{source}: unknown {what} '{key}'; expected one of: {', '.join(sorted(names))}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{source}: '{key}' must be a table [{key}], got {v!r}")
+            _build(tp, v, key, source, base=getattr(obj, k))
+        else:
+            setattr(obj, k, _coerce(v, tp, key, source))
+    return obj
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value: TOML syntax when it parses (3, 0.5, true, [1, 2]), else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``["train.steps=3", "run.output_dir=/tmp/r"]`` -> nested dict."""
+    out: dict = {}
+    for a in args:
+        if "=" not in a or a.startswith("="):
+            raise ConfigError(f"command line: override {a!r} is not of the form section.key=value")
+        dotted, text = a.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"command line: override {a!r}: the key must be section.key (e.g. train.steps=3)")
+        d = out
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                raise ConfigError(f"command line: override {a!r} conflicts with another override")
+        d[parts[-1]] = _parse_value(text.strip())
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults, then the TOML file at ``path``, then dotted overrides; validated."""
+    cfg = Config()
+    if path:
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: recipe file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        _build(Config, table, "", path, base=cfg)
+    if overrides:
+        _build(Config, parse_overrides(overrides), "", "command line", base=cfg)
+    validate(cfg, path or "defaults")
+    return cfg
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Cross-field checks that types alone cannot express."""
+    def need(cond, key, msg):
+        if not cond:
+            raise ConfigError(f"{source}: {key}: {msg}")
+
+    need(cfg.rollout.group_size >= 1, "rollout.group_size", "must be >= 1")
+    need(cfg.rollout.temperature >= 0, "rollout.temperature", "must be >= 0 (0 is greedy)")
+    need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    need(cfg.train.steps >= 0, "train.steps", "must be >= 0")
+    need(cfg.train.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
+    need(cfg.train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    need(len(cfg.train.adam_betas) == 2, "train.adam_betas", "must be two numbers")
+    need(cfg.grpo.mu >= 1, "grpo.mu", "must be >= 1")
+    need(cfg.grpo.beta >= 0, "grpo.beta", "must be >= 0")
+    need(len(cfg.data.tags) == 3 and all(t.isidentifier() for t in cfg.data.tags), "data.tags",
+         "must be three tag names (identifiers), e.g. ['vision', 'think', 'answer']")
+    need(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
+    need(1 <= cfg.video.min_frames <= cfg.video.max_frames, "video.min_frames",
+         "must be >= 1 and <= video.max_frames")
+    need(0 < cfg.video.min_pixels <= cfg.video.max_pixels, "video.min_pixels", "must be > 0 and <= video.max_pixels")
+    need(bool(cfg.model.path) != bool(cfg.model.tiny), "model.path",
+         "set exactly one of model.path (a local checkpoint) and model.tiny ('qwen2vl' or 'qwen25vl')")
+    need(cfg.train.resume.lower() in ("true", "false") or bool(cfg.train.resume), "train.resume",
+         "false, true or a checkpoint directory")
+    from fastebm.rewards import REWARDS  # the registry is the source of truth for names
+
+    for name in cfg.rewards.enabled:
+        need(name in REWARDS, "rewards.enabled", f"unknown reward {name!r}; available: {sorted(REWARDS)}")
+        need(name in cfg.rewards.weights, "rewards.weights", f"no weight for enabled reward {name!r}")
+    need(bool(cfg.rewards.enabled), "rewards.enabled", "at least one reward is needed")
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict, None values dropped (TOML has no null)."""
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items() if v is not None}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+    return clean(dataclasses.asdict(cfg))
+
+
+def to_toml(cfg: Config) -> str:
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The attribute docstrings of a config dataclass, by field name."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for prev, node in zip(body, body[1:]):
+        if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
+                and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)):
+            docs[prev.target.id] = inspect.cleandoc(node.value.value)
+    return docs
+
+
+def to_commented_toml(cfg: Config) -> str:
+    """The resolved config with each field's docstring as a comment above it."""
+    out = []
+    for sec in dataclasses.fields(cfg):
+        obj = getattr(cfg, sec.name)
+        docs = field_docs(type(obj))
+        out.append(f"[{sec.name}]")
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            for line in docs.get(f.name, "").splitlines():
+                out.append(f"# {line}")
+            if v is None:
+                out.append(f"# {f.name} = (unset)")
+            elif isinstance(v, dict):  # inline table, so it stays inside this section
+                items = ", ".join(tomli_w.dumps({k: x}).strip() for k, x in v.items())
+                out.append(f"{f.name} = {{ {items} }}")
+            else:
+                out.append(tomli_w.dumps({f.name: v}).strip())
+        out.append("")
+    return "\n".join(out)
+
+
+def write_config(cfg: Config, run_dir: str) -> str:
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "config.toml")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(to_toml(cfg))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,2 @@
+"""Reward registry (filled in below by the reward modules)."""
+REWARDS: dict = {}

@@ -1,0 +1,55 @@
+"""fastebm: a fast trainer for video vision-language models with EBM-RL (GRPO, decomposed rewards).
+
+Install for development:  pip install -e ".[dev]"
+The Triton kernels live in the top-level ``kernels/`` folder and install as ``fastebm.kernels``
+(never as a top-level ``kernels`` package: a different PyPI project owns that name).
+"""
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["fastebm", "fastebm.*"])
+# kernels/ (and any sub-folders) are mapped under the fastebm namespace.
+kernel_packages = ["fastebm.kernels"] + [
+    "fastebm.kernels." + p for p in find_packages(where="kernels")
+]
+
+setup(
+    name="fastebm",
+    version="0.1.0",
+    description="Fast EBM-RL (GRPO with decomposed rewards) trainer for video VLMs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages + kernel_packages,
+    package_dir={"fastebm.kernels": "kernels"},
+    include_package_data=True,
+    install_requires=[
+        # torch/torchvision: 2.14.1 / 0.29.1 install from the dev machines' local disk.
+        "torch>=2.9,<2.15",
+        "torchvision>=0.24,<0.30",
+        # transformers 5.x moves Qwen2-VL internals between minors: pin narrowly.
+        "transformers>=5.23,<5.24",
+        "tokenizers>=0.22,<0.24",
+        "safetensors>=0.5",
+        "triton>=3.4",
+        "liger-kernel>=0.8,<0.9",
+        "open_clip_torch>=3.0,<4",
+        "av>=14",
+        "numpy>=1.26",
+        "rich>=13",
+        "tomli-w>=1.0",
+        "tomli>=2.0; python_version<'3.11'",
+        "pillow>=10",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "pytest-benchmark>=5",
+            "hypothesis>=6",
+            "trl>=1.10,<2",
+        ],
+        "video": ["nvidia-dali-cuda130>=2.4,<2.5"],
+        "gpu": ["flash-attn>=2.7"],
+        "tensorboard": ["tensorboard>=2.16"],
+    },
+    entry_points={"console_scripts": ["fastebm=fastebm.cli:main"]},
+)
