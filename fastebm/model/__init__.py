@@ -1,0 +1,1 @@
+"""Models: loading (local checkpoints, tiny random models), forward passes, rollout."""

@@ -1,0 +1,76 @@
+"""Group sampling: G completions per prompt.
+
+First version: Hugging Face ``generate`` with ``num_return_sequences=G``, one prompt at a time (so
+no padding games with M-RoPE). This is the function the shared-prefix KV cache replaces; the
+trainer only sees ``rollout(model, tokenizer, prompts, cfg) -> RolloutResult``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from fastebm.model.forward import Prompt, video_inputs
+
+
+@dataclass
+class RolloutResult:
+    completion_ids: list[list[int]]   # prompt-major: G per prompt; EOS included when produced
+    prompt_index: list[int]           # the prompt of each completion
+    texts: list[str]                  # decoded completions, special tokens dropped
+    truncated: list[bool]             # True where max_new_tokens was hit before EOS
+    prefill_tokens: int               # prompt tokens run through the model (metrics)
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = list(ids) if isinstance(ids, (list, tuple)) else ([ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompts: Sequence[Prompt], cfg) -> RolloutResult:
+    """Sample ``cfg.group_size`` completions for each prompt (``cfg``: the ``[rollout]`` section)."""
+    device = next(model.parameters()).device
+    G, greedy = cfg.group_size, cfg.temperature == 0
+    stops = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+                      do_sample=not greedy)
+    if not greedy:
+        gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
+    was_training = model.training
+    model.eval()
+    comps, index, truncated, prefill = [], [], [], 0
+    try:
+        for p_i, prompt in enumerate(prompts):
+            input_ids = torch.tensor([prompt.ids], device=device)
+            vids = video_inputs([prompt.video], device)
+            inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                          pixel_values_videos=vids["pixel_values_videos"].to(model.dtype),
+                          video_grid_thw=vids["video_grid_thw"],
+                          mm_token_type_ids=(input_ids == model.config.video_token_id).to(torch.int32) * 2)
+            if model.config.model_type == "qwen2_5_vl":
+                inputs["second_per_grid_ts"] = vids["second_per_grid_ts"]
+            # Greedy decoding gives G identical samples: generate once and repeat.
+            n = 1 if greedy else G
+            out = model.generate(**inputs, num_return_sequences=n, **gen_kwargs)
+            prefill += len(prompt.ids) * n  # generate() re-runs the prefix for every sample
+            new = out[:, input_ids.shape[1]:].tolist()
+            for k in range(G):
+                seq = new[k % n]
+                cut = next((j for j, t in enumerate(seq) if t in stops), None)
+                if cut is None:  # hit max_new_tokens: no EOS, hence no padding either
+                    comps.append(seq)
+                    truncated.append(True)
+                else:
+                    comps.append(seq[:cut + 1])
+                    truncated.append(False)
+                index.append(p_i)
+    finally:
+        model.train(was_training)
+    texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
+    return RolloutResult(comps, index, texts, truncated, prefill)
