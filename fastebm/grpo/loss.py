@@ -49,7 +49,9 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.
     flat_ids = token_ids.reshape(B * T)
     out = []
     for s in range(0, B * T, chunk_tokens):
-        logits = (flat_h[s:s + chunk_tokens] @ weight.t()).float() / temperature  # (chunk, V)
+        logits = flat_h[s:s + chunk_tokens] @ weight.t()  # (chunk, V)
+        # fp32 at least; float64 stays float64 (the kernels' references upcast through here).
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
         lse = torch.logsumexp(logits, dim=-1)
         sel = logits.gather(1, flat_ids[s:s + chunk_tokens, None]).squeeze(1)
         out.append(sel - lse)
@@ -126,12 +128,29 @@ def grpo_loss_reference(hidden, weight, token_ids, mask, advantages, old_logps=N
                         num_items_in_batch=None, vllm_is_ratio=None) -> LossOutput:
     """Plain-torch GRPO loss on hidden states (token-chunked log-probs, autograd backward)."""
     logps = token_logprobs(hidden, weight, token_ids, temperature)
+    return grpo_loss_from_logps(
+        logps, old_logps, ref_logps, advantages, mask, beta=beta, epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+        delta=delta, max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+        vllm_is_ratio=vllm_is_ratio)
+
+
+def grpo_loss_from_logps(logps, old_logps, ref_logps, advantages, mask, *, beta, epsilon_low, epsilon_high,
+                         loss_type="grpo", importance_sampling_level="token", delta=None,
+                         max_completion_length=None, num_items_in_batch=None, vllm_is_ratio=None) -> LossOutput:
+    """The GRPO loss of differentiable per-token log-probs (B, T): the one place its math lives.
+
+    The reference path above and every kernel in ``fastebm.kernels`` (which produce ``logps``
+    without full logits) finish through here, so their semantics cannot drift apart.
+    """
+    if vllm_is_ratio is not None and vllm_is_ratio.dim() == 1:
+        vllm_is_ratio = vllm_is_ratio.unsqueeze(-1)  # (B,) -> (B, 1), as TRL and Liger accept
     per_token, kl, clipped = per_token_grpo_loss(
         logps, old_logps, ref_logps, advantages, mask, beta=beta, epsilon_low=epsilon_low,
         epsilon_high=epsilon_high, importance_sampling_level=importance_sampling_level, delta=delta,
         vllm_is_ratio=vllm_is_ratio)
     loss = reduce_grpo_loss(per_token, mask, loss_type, max_completion_length, num_items_in_batch)
-    kl_mean = _masked_mean(kl.detach(), mask) if kl is not None else logps.new_zeros(())
+    kl_mean = _masked_mean(kl.detach(), mask) if kl is not None else logps.new_zeros((), dtype=torch.float32)
     return LossOutput(loss, logps.detach(), kl_mean, _masked_mean(clipped, mask))
 
 
@@ -146,4 +165,33 @@ def compute_grpo_loss(hidden, weight, token_ids, mask, advantages, old_logps=Non
         loss, metrics = fused_linear_grpo_loss(hidden, weight, token_ids, mask, advantages,
                                                old_logps, ref_logps, **kw)
         return LossOutput(loss, metrics["per_token_logps"].detach(), metrics["kl"], metrics["clip_ratio"])
+    raise ValueError(f"grpo.kernel must be 'fused' or 'reference', got {kernel!r}")
+
+
+def scoring_logprobs(hidden, weight, token_ids, temperature: float = 1.0, kernel: str = "reference"):
+    """No-grad log-probs (B, T) fp32 for the old / reference / PCG-teacher passes.
+
+    ``kernel="fused"`` runs ``fastebm.kernels.token_logprobs`` (Triton on CUDA, a chunked
+    memory-bounded path elsewhere); ``"reference"`` the token-chunked plain-torch path above.
+    """
+    with torch.no_grad():
+        if kernel == "reference":
+            return token_logprobs(hidden, weight, token_ids, temperature)
+        if kernel == "fused":
+            from fastebm.kernels import token_logprobs as fused_token_logprobs
+
+            return fused_token_logprobs(hidden, weight, token_ids, temperature)
+    raise ValueError(f"grpo.kernel must be 'fused' or 'reference', got {kernel!r}")
+
+
+@torch.no_grad()
+def scoring_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor,
+                     temperature: float = 1.0, kernel: str = "reference") -> torch.Tensor:
+    """No-grad per-token log-probs (B, T) fp32 for the old / reference / teacher passes."""
+    if kernel == "fused":
+        from fastebm.kernels import token_logprobs as fused_token_logprobs
+
+        return fused_token_logprobs(hidden, weight, token_ids, temperature=temperature)
+    if kernel == "reference":
+        return token_logprobs(hidden, weight, token_ids, temperature)
     raise ValueError(f"grpo.kernel must be 'fused' or 'reference', got {kernel!r}")

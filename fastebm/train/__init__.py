@@ -1,0 +1,1 @@
+"""Training: the GRPO trainer, checkpoints, metrics."""

@@ -1,0 +1,457 @@
+"""The EBM-RL GRPO trainer.
+
+    fastebm train recipes/tiny.toml [section.key=value ...]
+
+One step, top to bottom (``Trainer.step``):
+
+  1. batch     take ``prompts_per_step`` records; decode each clip ONCE (frames shared by the policy
+               input and the rewards); a record whose video fails is skipped and recorded
+  2. rollout   G completions per prompt                                   -> time/rollout_s
+  3. score     rewards (registry), old log-probs (mu > 1), reference log-probs (beta > 0)
+                                                                          -> time/score_s
+  4. advantage per-reward group z-norm then weights (EBM) or summed (GRPO)
+  5. update    mu passes; each: micro-batched forward with grad -> fused/reference GRPO loss on
+               hidden states -> backward (accumulated) -> clip -> AdamW -> schedule
+                                                                          -> time/update_s
+  6. log       metrics.jsonl, progress bar; checkpoint every N steps and at the end
+
+Where it departs from textbook GRPO: the rewards are z-normalised per reward within the group
+before weighting (``rewards.normalize = "per_reward"``, EBM-RL); the KL is k3 against a frozen
+reference; loss reductions follow TRL's loss types.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from fastebm.config import Config, write_config
+from fastebm.data import DataError
+from fastebm.data.prompts import build_messages, encode_prompt
+from fastebm.data.records import Profiles, Record, RecordSampler, parse_record, read_raw, resolve_video
+from fastebm.grpo.advantages import combine_rewards
+from fastebm.grpo.loss import compute_grpo_loss, scoring_logprobs
+from fastebm.model.forward import Prompt, completion_hidden_states, lm_head_weight
+from fastebm.model.loading import LoadedModel, load_model, resolve_model_path
+from fastebm.model.rollout import RolloutResult, rollout
+from fastebm.rewards import RewardContext, RewardInputs, build_rewards
+from fastebm.train.checkpoint import (fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                      set_rng_state)
+from fastebm.train.metrics import MetricsWriter
+
+log = logging.getLogger("fastebm")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class Batch:
+    records: list[Record]
+    prompts: list[Prompt]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("run.device = 'cuda' but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def lr_lambda(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr after ``step`` optimiser steps: linear warmup, then cosine or constant."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def prepare_data(cfg: Config) -> None:
+    """Fill data.train / profiles / video_root from the bundled sample dataset when asked to."""
+    d = cfg.data
+    if not d.train and d.sample_dir:
+        from fastebm.data.sample import write_sample_dataset
+
+        paths = write_sample_dataset(os.path.expanduser(d.sample_dir))
+        d.train = paths["train"]
+        d.profiles = d.profiles or paths["profiles"]
+        d.cot = d.cot or paths["cot"]
+        d.video_root = d.video_root or paths["video_root"]
+    if not d.train:
+        raise DataError("data.train: no records file given (set data.train, or data.sample_dir for the sample data)")
+
+
+class Trainer:
+    cfg: Config
+    device: torch.device
+    policy: LoadedModel
+    reference: Optional[LoadedModel]
+    records: list[Record]
+    sampler: RecordSampler
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    step: int
+
+    # ------------------------------------------------------------------------------------------
+    # Construction, in dependency order
+    # ------------------------------------------------------------------------------------------
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = os.path.expanduser(cfg.run.output_dir)
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.device = pick_device(cfg.run.device)
+        seed_everything(cfg.run.seed)
+        prepare_data(cfg)
+        write_config(cfg, self.run_dir)
+
+        self.skipped_path = os.path.join(self.run_dir, "skipped.jsonl")
+        self.samples_skipped = 0
+        self.records = self._load_records()
+        self.profiles = Profiles.load(cfg.data.profiles)
+        self.sampler = RecordSampler(len(self.records), cfg.run.seed)
+
+        model_path = resolve_model_path(cfg.model)
+        resume_from = self._resume_path()
+        self.policy = load_model(resume_from or model_path, self.device, cfg.model.dtype,
+                                 cfg.model.attn_implementation, trainable=True)
+        if cfg.model.gradient_checkpointing:
+            self.policy.model.gradient_checkpointing_enable()
+        self.reference = None
+        if cfg.grpo.beta != 0 or "pcg" in cfg.rewards.enabled:
+            # Always the *initial* weights (or reference_path), also when resuming.
+            self.reference = load_model(os.path.expanduser(cfg.model.reference_path) or model_path,
+                                        self.device, cfg.model.dtype, cfg.model.attn_implementation,
+                                        trainable=False)
+        self.rewards = build_rewards(cfg.rewards.enabled, cfg.rewards,
+                                     RewardContext(tags=tuple(cfg.data.tags), device=self.device,
+                                                   reference=self.reference))
+
+        params = [p for p in self.policy.model.parameters() if p.requires_grad]
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+        total_updates = t.steps * cfg.grpo.mu
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, total_updates, t.warmup_steps, t.lr_schedule, t.min_lr_ratio))
+        self.fingerprint = fingerprint(self.policy.model.config.to_dict(), len(self.records))
+        self.step = 0
+        if resume_from:
+            self._restore(resume_from)
+        self.metrics = MetricsWriter(self.run_dir, cfg.log.tensorboard,
+                                     resume_step=self.step if resume_from else None)
+        self._stop_requested = False
+        self._video_sample_kwargs = self._vision_geometry()
+
+    def _load_records(self) -> list[Record]:
+        """Parse every record; malformed ones are skipped, counted and recorded, never fatal alone."""
+        path = self.cfg.data.train
+        good = []
+        for i, obj in enumerate(read_raw(path)):
+            try:
+                good.append(parse_record(obj, path, i))
+            except DataError as e:
+                self._skip(file=path, record=i, reason=str(e))
+        if not good:
+            raise DataError(f"{path}: no usable records ({self.samples_skipped} malformed; see {self.skipped_path})")
+        return good
+
+    def _resume_path(self) -> Optional[str]:
+        r = self.cfg.train.resume
+        if r.lower() == "false":
+            return None
+        if r.lower() == "true":
+            path = latest_checkpoint(self.run_dir)
+            if path is None:
+                log.warning("train.resume = true but %s has no checkpoint: starting from scratch", self.run_dir)
+            return path
+        path = os.path.expanduser(r)
+        if not os.path.isdir(path):
+            raise TrainingError(f"train.resume: checkpoint directory {path!r} does not exist")
+        return path
+
+    def _restore(self, path: str) -> None:
+        state = load_checkpoint(path, self.fingerprint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state(state["sampler"])
+        self.samples_skipped = state.get("samples_skipped", self.samples_skipped)
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def _vision_geometry(self) -> dict:
+        v = self.policy.model.config.vision_config
+        return dict(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+                    merge_size=v.spatial_merge_size)
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+    # ------------------------------------------------------------------------------------------
+
+    def train(self) -> list[dict]:
+        cfg = self.cfg
+        history = []
+        prev_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        progress = _Progress(cfg.train.steps, self.step, enabled=cfg.log.progress)
+        try:
+            while self.step < cfg.train.steps:
+                m = self.train_step()
+                history.append(m)
+                progress.update(self.step, m)
+                every = cfg.train.checkpoint_every
+                if every and self.step % every == 0 and self.step < cfg.train.steps:
+                    self.save()
+                if self._stop_requested:
+                    log.warning("interrupted: saving a checkpoint at step %d and stopping", self.step)
+                    self.save()
+                    raise KeyboardInterrupt
+            if not self._stop_requested:
+                self.save()
+        finally:
+            progress.close()
+            signal.signal(signal.SIGINT, prev_handler)
+            self.metrics.close()
+        return history
+
+    def _on_sigint(self, signum, frame):
+        if self._stop_requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        log.warning("Ctrl-C: finishing step %d, then saving and exiting (press again to abort)", self.step + 1)
+
+    def train_step(self) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        batch = self.next_batch()
+        temp = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+
+        t1 = time.perf_counter()
+        roll = rollout(self.policy.model, self.policy.tokenizer, batch.prompts, cfg.rollout)
+        t2 = time.perf_counter()
+
+        rewards = self.compute_rewards(batch, roll)
+        advantages = combine_rewards({n: torch.tensor(v) for n, v in rewards.items()}, cfg.rewards.weights,
+                                     cfg.rollout.group_size, cfg.rewards.normalize, cfg.rewards.eps,
+                                     cfg.rewards.scale).to(self.device)
+        old_logps = ref_logps = None
+        prefix_tokens = roll.prefill_tokens
+        if cfg.grpo.mu > 1:
+            old_logps, n = self.score(self.policy.model, batch, roll, temp)
+            prefix_tokens += n
+        if cfg.grpo.beta != 0:
+            ref_logps, n = self.score(self.reference.model, batch, roll, temp)
+            prefix_tokens += n
+        t3 = time.perf_counter()
+
+        stats = self.update(batch, roll, advantages, old_logps, ref_logps, temp)
+        prefix_tokens += stats.pop("prefix_tokens")
+        t4 = time.perf_counter()
+
+        self.step += 1
+        G = cfg.rollout.group_size
+        total = sum(cfg.rewards.weights[n] * torch.tensor(v, dtype=torch.float64) for n, v in rewards.items())
+        lengths = [len(c) for c in roll.completion_ids]
+        m = {"step": self.step, **stats, "reward/total": float(total.mean())}
+        for n, v in rewards.items():
+            rv = torch.tensor(v, dtype=torch.float64)
+            m[f"reward/{n}"] = float(rv.mean())
+            m[f"reward/{n}_std"] = float(rv.view(-1, G).std(dim=1).mean()) if G > 1 else 0.0
+        m.update({
+            "adv/std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
+            "tokens/prefix": prefix_tokens,
+            "tokens/completion": sum(lengths),
+            "completion/mean_len": sum(lengths) / len(lengths),
+            "completion/truncated_frac": sum(roll.truncated) / len(roll.truncated),
+            "lr": self.scheduler.get_last_lr()[0],
+            "time/rollout_s": t2 - t1, "time/score_s": t3 - t2, "time/update_s": t4 - t3,
+            "time/step_s": t4 - t0,
+            "samples_skipped": self.samples_skipped,
+            "profiles_missing": sum(self.profiles.missing.values()),
+        })
+        self.metrics.write(m)
+        if cfg.log.samples_every and self.step % cfg.log.samples_every == 0:
+            self._write_samples(batch, roll, rewards)
+        return m
+
+    # ------------------------------------------------------------------------------------------
+    # Steps
+    # ------------------------------------------------------------------------------------------
+
+    def next_batch(self) -> Batch:
+        """``prompts_per_step`` prompts, each with its clip decoded once; bad videos are skipped."""
+        from fastebm.data.video import VideoError, load_video_sample
+
+        records, prompts, failures = [], [], 0
+        while len(prompts) < self.cfg.train.prompts_per_step:
+            rec = self.records[self.sampler.next()]
+            path = resolve_video(rec, self.cfg.data.video_root)
+            try:
+                video = load_video_sample(path, self.cfg.video, **self._video_sample_kwargs)
+            except VideoError as e:
+                self._skip(file=path, record=rec.index, problem_id=rec.problem_id, reason=str(e))
+                failures += 1
+                if failures >= len(self.records):
+                    raise DataError(f"{self.cfg.data.train}: {failures} videos failed in a row; "
+                                    f"see {self.skipped_path}") from e
+                continue
+            messages = build_messages(rec, self.profiles.get(rec.data_source, rec.assistant), self.cfg.data.tags,
+                                      self.cfg.data.max_history_turns)
+            ids = encode_prompt(self.policy.tokenizer, messages, video.num_video_tokens)
+            records.append(rec)
+            prompts.append(Prompt(ids, video))
+        return Batch(records, prompts)
+
+    def compute_rewards(self, batch: Batch, roll: RolloutResult) -> dict[str, list[float]]:
+        inputs = RewardInputs(records=batch.records, group_size=self.cfg.rollout.group_size,
+                              videos=[p.video for p in batch.prompts], prompt_ids=[p.ids for p in batch.prompts],
+                              completion_ids=roll.completion_ids)
+        out = {}
+        for name, fn in self.rewards.items():
+            vals = [float(x) for x in fn(roll.texts, inputs)]
+            if len(vals) != len(roll.texts):
+                raise TrainingError(f"reward {name!r} returned {len(vals)} values for {len(roll.texts)} completions")
+            out[name] = vals
+        return out
+
+    def _micro_batches(self, n: int) -> list[list[int]]:
+        mb = self.cfg.train.micro_batch_size
+        return [list(range(s, min(n, s + mb))) for s in range(0, n, mb)]
+
+    @torch.no_grad()
+    def score(self, model, batch: Batch, roll: RolloutResult, temperature: float) -> tuple[torch.Tensor, int]:
+        """Per-token log-probs (N, Tmax) of the completions under ``model``; prefix tokens processed."""
+        N, Tmax = len(roll.completion_ids), max(1, max(len(c) for c in roll.completion_ids))
+        out = torch.zeros((N, Tmax), dtype=torch.float32, device=self.device)
+        prefix = 0
+        for idx in self._micro_batches(N):
+            cb = completion_hidden_states(model, batch.prompts, [roll.completion_ids[i] for i in idx],
+                                          [roll.prompt_index[i] for i in idx])
+            lp = scoring_logprobs(cb.hidden, lm_head_weight(model), cb.ids, temperature, kernel=self.cfg.grpo.kernel)
+            out[idx, :lp.shape[1]] = lp * cb.mask
+            prefix += cb.num_prompt_tokens
+        return out, prefix
+
+    def update(self, batch: Batch, roll: RolloutResult, advantages: torch.Tensor,
+               old_logps: Optional[torch.Tensor], ref_logps: Optional[torch.Tensor], temperature: float) -> dict:
+        """``grpo.mu`` optimiser steps on this rollout; gradients accumulated over micro-batches."""
+        cfg, g = self.cfg, self.cfg.grpo
+        model = self.policy.model
+        comps = roll.completion_ids
+        N = len(comps)
+        total_tokens = sum(len(c) for c in comps)
+        losses, kls, clips, gnorms, prefix = [], [], [], [], 0
+        for _ in range(g.mu):
+            step_loss, kl_sum, clip_sum = 0.0, 0.0, 0.0
+            for idx in self._micro_batches(N):
+                cb = completion_hidden_states(model, batch.prompts, [comps[i] for i in idx],
+                                              [roll.prompt_index[i] for i in idx])
+                prefix += cb.num_prompt_tokens
+                Tc = cb.ids.shape[1]
+                sl = lambda x: None if x is None else x[idx, :Tc]  # noqa: E731
+                out = compute_grpo_loss(
+                    cb.hidden, lm_head_weight(model), cb.ids, cb.mask, advantages[idx], sl(old_logps), sl(ref_logps),
+                    kernel=g.kernel, beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
+                    temperature=temperature, loss_type=g.loss_type, importance_sampling_level=g.importance_sampling_level,
+                    delta=g.delta, max_completion_length=cfg.rollout.max_new_tokens, num_items_in_batch=total_tokens)
+                mb_tokens = int(cb.mask.sum())
+                # Scale each micro-batch so that the accumulated gradient is that of the whole batch.
+                scale = {"grpo": len(idx) / N, "dr_grpo": len(idx) / N,
+                         "bnpo": mb_tokens / max(1, total_tokens), "dapo": 1.0}[g.loss_type]
+                loss = out.loss * scale
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"non-finite loss ({float(out.loss)}) at step {self.step + 1}; stopping without saving. "
+                        f"The last good checkpoint is {latest_checkpoint(self.run_dir) or '(none yet)'}")
+                loss.backward()
+                step_loss += float(loss)
+                kl_sum += float(out.kl) * mb_tokens
+                clip_sum += float(out.clip_ratio) * mb_tokens
+            if cfg.train.max_grad_norm > 0:
+                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+            else:
+                gn = torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+            if not torch.isfinite(gn):
+                raise TrainingError(f"non-finite gradient norm at step {self.step + 1}; stopping without saving. "
+                                    f"The last good checkpoint is {latest_checkpoint(self.run_dir) or '(none yet)'}")
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            kls.append(kl_sum / max(1, total_tokens))
+            clips.append(clip_sum / max(1, total_tokens))
+            gnorms.append(float(gn))
+        return {"loss": losses[0], "loss/last": losses[-1], "kl": kls[0], "clip_ratio": clips[-1],
+                "grad_norm": gnorms[0], "prefix_tokens": prefix}
+
+    # ------------------------------------------------------------------------------------------
+    # Bookkeeping
+    # ------------------------------------------------------------------------------------------
+
+    def save(self) -> str:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "sampler": self.sampler.state(), "samples_skipped": self.samples_skipped}
+        path = save_checkpoint(self.run_dir, self.step, self.policy.model, self.policy.tokenizer, state,
+                               self.fingerprint, keep=self.cfg.train.keep_checkpoints)
+        log.info("checkpoint: %s", path)
+        return path
+
+    def _skip(self, **entry) -> None:
+        self.samples_skipped += 1
+        entry = {"step": getattr(self, "step", 0) + 1, **entry}
+        log.warning("skipped sample: %s", entry.get("reason"))
+        with open(self.skipped_path, "a") as f:
+            f.write(json.dumps(entry, default=str) + "\n")
+
+    def _write_samples(self, batch: Batch, roll: RolloutResult, rewards: dict) -> None:
+        with open(os.path.join(self.run_dir, "samples.jsonl"), "a") as f:
+            for i, text in enumerate(roll.texts):
+                rec = batch.records[roll.prompt_index[i]]
+                f.write(json.dumps({"step": self.step, "problem_id": rec.problem_id, "completion": text,
+                                    **{f"reward/{n}": v[i] for n, v in rewards.items()}}) + "\n")
+
+
+class _Progress:
+    """A rich progress bar with ETA, or one log line per step when disabled / not a terminal."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        import sys
+
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                TimeRemainingColumn())
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, m: dict) -> None:
+        info = f"loss {m['loss']:+.4f}  reward {m['reward/total']:+.3f}  kl {m['kl']:.4f}  {m['time/step_s']:.2f}s/step"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        else:
+            log.info("step %d: %s", step, info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
