@@ -183,15 +183,3 @@ def scoring_logprobs(hidden, weight, token_ids, temperature: float = 1.0, kernel
             return fused_token_logprobs(hidden, weight, token_ids, temperature)
     raise ValueError(f"grpo.kernel must be 'fused' or 'reference', got {kernel!r}")
 
-
-@torch.no_grad()
-def scoring_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor,
-                     temperature: float = 1.0, kernel: str = "reference") -> torch.Tensor:
-    """No-grad per-token log-probs (B, T) fp32 for the old / reference / teacher passes."""
-    if kernel == "fused":
-        from fastebm.kernels import token_logprobs as fused_token_logprobs
-
-        return fused_token_logprobs(hidden, weight, token_ids, temperature=temperature)
-    if kernel == "reference":
-        return token_logprobs(hidden, weight, token_ids, temperature)
-    raise ValueError(f"grpo.kernel must be 'fused' or 'reference', got {kernel!r}")
