@@ -1,0 +1,216 @@
+"""The GRPO loss for code that already holds logits (B, T, V).
+
+Forward kernel (grid: one program per token row): one pass over the row in BLOCK_V chunks with an
+online log-sum-exp and the selected logit -> fp32 logp and lse. Backward kernel (same grid): one
+pass writing d logits = g * (onehot - softmax) / temperature straight into the gradient tensor,
+with g = dL/dlogp the per-token upstream scalar; no second full-size temporary is made (rows of
+masked tokens are written as zeros without reading the logits). The O(B * T) GRPO epilogue is
+``fastebm.grpo.loss.grpo_loss_from_logps``, shared with every other path.
+
+Without CUDA the public function runs PyTorch on the logits the caller already holds, one chunk of
+rows at a time so the temporaries stay bounded.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastebm.grpo.loss import LOSS_TYPES, grpo_loss_from_logps
+
+from ._backend import resolve_backend, triton_interpreted
+
+# --------------------------------------------------------------------------------------------- #
+# Triton kernels
+# --------------------------------------------------------------------------------------------- #
+
+
+@triton.jit
+def _logits_logprob_fwd_kernel(LOGITS, IDS, LOGP, LSE, T, V, stride_b, stride_t, inv_t,
+                               BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    b = row // T
+    t = row - b * T
+    base = LOGITS + b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)   # per-lane running max and sum,
+    s = tl.zeros([BLOCK_V], tl.float32)                  # merged once at the end
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, z)
+        # lanes that have only seen -inf stay at s = 0 (avoid exp(-inf - -inf) = nan)
+        s = tl.where(m_new == float("-inf"), 0.0, s * tl.exp(m - m_new) + tl.exp(z - m_new))
+        m = m_new
+    m_row = tl.max(m, 0)
+    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), 0))
+    tok = tl.load(IDS + row)
+    sel = tl.load(base + tok).to(tl.float32) * inv_t
+    tl.store(LOGP + row, sel - lse)
+    tl.store(LSE + row, lse)
+
+
+@triton.jit
+def _logits_logprob_bwd_kernel(LOGITS, DLOGITS, IDS, LSE, G, T, V, stride_b, stride_t,
+                               dstride_b, dstride_t, inv_t, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    b = row // T
+    t = row - b * T
+    base = LOGITS + b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t
+    dbase = DLOGITS + b.to(tl.int64) * dstride_b + t.to(tl.int64) * dstride_t
+    g = tl.load(G + row) * inv_t
+    tok = tl.load(IDS + row)
+    lse = tl.load(LSE + row)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        if g == 0.0:  # masked token: zeros, without reading the row
+            d = tl.zeros([BLOCK_V], tl.float32)
+        else:
+            z = tl.load(base + cols, mask=col_ok, other=float("-inf")).to(tl.float32) * inv_t
+            d = (tl.where(cols == tok, 1.0, 0.0) - tl.exp(z - lse)) * g
+        tl.store(dbase + cols, d.to(DLOGITS.dtype.element_ty), mask=col_ok)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Launch wrappers
+# --------------------------------------------------------------------------------------------- #
+
+BLOCK_V_GPU = 4096
+BLOCK_V_INTERPRET = 256
+
+
+def _block_v() -> int:
+    return BLOCK_V_INTERPRET if triton_interpreted() else BLOCK_V_GPU
+
+
+def _prep(logits):
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be (B, T, V), got {tuple(logits.shape)}")
+    return logits if logits.stride(2) == 1 else logits.contiguous()
+
+
+def logits_logprob_fwd_triton(logits, ids, temperature=1.0):
+    """(logp (B, T), lse (B, T)) fp32 of log softmax(logits / T) at ``ids``."""
+    logits = _prep(logits)
+    B, T, V = logits.shape
+    logp = torch.empty((B, T), device=logits.device, dtype=torch.float32)
+    lse = torch.empty((B, T), device=logits.device, dtype=torch.float32)
+    if B * T:
+        _logits_logprob_fwd_kernel[(B * T,)](
+            logits, ids.contiguous(), logp, lse, T, V, logits.stride(0), logits.stride(1),
+            1.0 / temperature, BLOCK_V=_block_v(), num_warps=8 if not triton_interpreted() else 1)
+    return logp, lse
+
+
+def logits_logprob_bwd_triton(logits, ids, lse, grad_logp, temperature=1.0):
+    """d logits (B, T, V) in the logits' dtype: the only full-size tensor the backward makes."""
+    logits = _prep(logits)
+    B, T, V = logits.shape
+    dlogits = torch.empty_like(logits)
+    if B * T:
+        _logits_logprob_bwd_kernel[(B * T,)](
+            logits, dlogits, ids.contiguous(), lse.contiguous(), grad_logp.float().contiguous(), T, V,
+            logits.stride(0), logits.stride(1), dlogits.stride(0), dlogits.stride(1), 1.0 / temperature,
+            BLOCK_V=_block_v(), num_warps=8 if not triton_interpreted() else 1)
+    return dlogits
+
+
+# PyTorch path: rows per chunk, so temporaries are (CHUNK_ROWS, V) whatever B * T is.
+CHUNK_ROWS = 256
+
+
+def logits_logprob_fwd_torch(logits, ids, temperature=1.0):
+    B, T, V = logits.shape
+    flat, flat_ids = logits.reshape(B * T, V), ids.reshape(B * T)
+    cd = torch.promote_types(logits.dtype, torch.float32)
+    logp = torch.empty(B * T, device=logits.device, dtype=cd)
+    lse = torch.empty(B * T, device=logits.device, dtype=cd)
+    with torch.no_grad():
+        for s in range(0, B * T, CHUNK_ROWS):
+            z = flat[s:s + CHUNK_ROWS].to(cd) / temperature
+            lse_c = torch.logsumexp(z, -1)
+            lse[s:s + CHUNK_ROWS] = lse_c
+            logp[s:s + CHUNK_ROWS] = z.gather(1, flat_ids[s:s + CHUNK_ROWS, None]).squeeze(1) - lse_c
+    return logp.view(B, T), lse.view(B, T)
+
+
+def logits_logprob_bwd_torch(logits, ids, lse, grad_logp, temperature=1.0):
+    B, T, V = logits.shape
+    flat, flat_ids = logits.reshape(B * T, V), ids.reshape(B * T)
+    cd = torch.promote_types(logits.dtype, torch.float32)
+    g_all, lse_all = grad_logp.reshape(-1).to(cd) / temperature, lse.reshape(-1)
+    dlogits = torch.empty((B * T, V), device=logits.device, dtype=logits.dtype)
+    with torch.no_grad():
+        for s in range(0, B * T, CHUNK_ROWS):
+            g = g_all[s:s + CHUNK_ROWS, None]
+            d = (flat[s:s + CHUNK_ROWS].to(cd) / temperature).sub_(lse_all[s:s + CHUNK_ROWS, None]).exp_().mul_(-g)
+            d.scatter_add_(1, flat_ids[s:s + CHUNK_ROWS, None], g)
+            dlogits[s:s + CHUNK_ROWS] = d
+    return dlogits.view(B, T, V)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Autograd Function and public function
+# --------------------------------------------------------------------------------------------- #
+
+
+class LogitsLogprobFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, ids, temperature, backend):
+        fwd = logits_logprob_fwd_triton if backend == "triton" else logits_logprob_fwd_torch
+        logp, lse = fwd(logits, ids, temperature)
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.temperature, ctx.backend = temperature, backend
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        logits, ids, lse = ctx.saved_tensors
+        bwd = logits_logprob_bwd_triton if ctx.backend == "triton" else logits_logprob_bwd_torch
+        return bwd(logits, ids, lse, grad_logp, ctx.temperature), None, None, None
+
+
+def grpo_loss(logits, selected_token_ids, attention_mask, advantages, old_per_token_logps=None,
+              ref_per_token_logps=None, *, beta: float, epsilon_low: float, epsilon_high: float,
+              temperature: float = 1.0, loss_type: str = "grpo", importance_sampling_level: str = "token",
+              delta: Optional[float] = None, max_completion_length: Optional[int] = None,
+              num_items_in_batch=None, vllm_is_ratio=None, backend: str = "auto"):
+    """``(loss, metrics)`` from logits (B, T, V) of the completion tokens (already aligned with ids).
+
+    Same keywords and metrics as ``fused_linear_grpo_loss``; differentiable in ``logits``.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if logits.shape[:2] != selected_token_ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match ids {tuple(selected_token_ids.shape)}")
+    b = resolve_backend(backend, logits.device)
+    logps = LogitsLogprobFunction.apply(logits, selected_token_ids, float(temperature), b)
+    out = grpo_loss_from_logps(
+        logps, old_per_token_logps, ref_per_token_logps, advantages, attention_mask, beta=beta,
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level, delta=delta,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+        vllm_is_ratio=vllm_is_ratio)
+    return out.loss, {"per_token_logps": out.per_token_logps, "kl": out.kl, "clip_ratio": out.clip_ratio}
+
+
+def grpo_loss_ref(logits, selected_token_ids, attention_mask, advantages, old_per_token_logps=None,
+                  ref_per_token_logps=None, *, beta: float, epsilon_low: float, epsilon_high: float,
+                  temperature: float = 1.0, loss_type: str = "grpo", importance_sampling_level: str = "token",
+                  delta: Optional[float] = None, max_completion_length: Optional[int] = None,
+                  num_items_in_batch=None, vllm_is_ratio=None, backend: str = "auto", upcast: bool = False):
+    """Plain torch: log_softmax over the full logits; ``upcast=True`` runs in float64."""
+    del backend
+    if upcast:
+        logits = logits.double()
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    logps = torch.log_softmax(z, -1).gather(-1, selected_token_ids[..., None]).squeeze(-1)
+    out = grpo_loss_from_logps(
+        logps, old_per_token_logps, ref_per_token_logps, advantages, attention_mask, beta=beta,
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level, delta=delta,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+        vllm_is_ratio=vllm_is_ratio)
+    return out.loss, {"per_token_logps": out.per_token_logps, "kl": out.kl, "clip_ratio": out.clip_ratio}
