@@ -109,6 +109,7 @@ def ensure_tiny_model(family: str, cache_dir: str, seed: int = 0) -> str:
     """Build (once) and save a tiny random model + tokenizer; return its directory."""
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
+    _quiet_transformers()
     root = os.path.expanduser(cache_dir)
     path = os.path.join(root, f"tiny-{family}-v{TINY_FORMAT_VERSION}-seed{seed}")
     if os.path.isfile(os.path.join(path, ".complete")):
@@ -135,6 +136,13 @@ def ensure_tiny_model(family: str, cache_dir: str, seed: int = 0) -> str:
     return path
 
 
+def _quiet_transformers() -> None:
+    """No per-shard progress bars from transformers in the trainer's output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -146,6 +154,7 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", attn_implem
     """Load a Qwen2-VL / Qwen2.5-VL checkpoint and its tokenizer from a local directory."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
+    _quiet_transformers()
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model.path: {path!r} is not a local directory (fastebm does not download models)")
     config = AutoConfig.from_pretrained(path)

@@ -1,0 +1,39 @@
+"""``fastebm data check RECORDS``: validate every record and decode every video, report, exit status."""
+from __future__ import annotations
+
+from fastebm.config import VideoConfig
+from fastebm.data import DataError
+from fastebm.data.records import parse_record, read_raw, resolve_video
+
+
+def check_records(path: str, video_root: str = "", video_cfg: VideoConfig | None = None, out=None) -> bool:
+    """Print a report of ``path``; True when every record parses and every video decodes."""
+    from rich.console import Console
+
+    from fastebm.data.video import VideoError, load_video_sample
+
+    console = Console(file=out) if out is not None else Console()
+    video_cfg = video_cfg or VideoConfig()
+    bad: list[tuple[str, str]] = []
+    raw = read_raw(path)
+    ok_records = ok_videos = 0
+    for i, obj in enumerate(raw):
+        try:
+            rec = parse_record(obj, path, i)
+        except DataError as e:
+            bad.append((f"record {i}", str(e)))
+            continue
+        ok_records += 1
+        vpath = resolve_video(rec, video_root)
+        try:
+            vs = load_video_sample(vpath, video_cfg)
+        except VideoError as e:
+            bad.append((vpath, str(e)))
+            continue
+        ok_videos += 1
+        console.print(f"ok  {vpath}  {vs.meta.codec} {vs.meta.width}x{vs.meta.height} "
+                      f"{vs.meta.duration:.1f}s -> {vs.num_video_tokens} video tokens")
+    console.print(f"\n{len(raw)} records: {ok_records} valid; {ok_videos} videos decoded; {len(bad)} problems")
+    for where, why in bad:
+        console.print(f"[red]BAD[/red] {where}: {why}", markup=True, highlight=False)
+    return not bad
