@@ -106,6 +106,13 @@ class VideoConfig:
     """A decode that takes longer is abandoned and the sample recorded as skipped."""
     cache_dir: str = ""
     """Disk cache of decoded, preprocessed clips keyed by content hash and sampling parameters (empty: off)."""
+    clip_size: int = 224
+    """Side of the CLIP-reward frames: shorter side resized to it (bicubic), then centre-cropped square (0: source size)."""
+    num_workers: int = 2
+    """Prefetch workers decoding ahead of the model (0: decode in the training loop)."""
+    worker_type: Literal["auto", "thread", "process"] = "auto"
+    """Prefetch workers: ``process`` (killable on timeout; PyAV on the CPU), ``thread`` (DALI on a GPU);
+    ``auto`` picks threads when DALI decodes on a GPU, else processes."""
 
 
 @dataclass
