@@ -1,0 +1,96 @@
+"""Config: precedence, validation errors that name key, file and expectation; every recipe loads."""
+import dataclasses
+import glob
+import os
+
+import pytest
+
+from fastebm.config import Config, ConfigError, field_docs, load_config, parse_overrides, to_toml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.toml")))
+
+
+def test_recipes_exist():
+    names = {os.path.basename(p) for p in RECIPES}
+    assert {"tiny.toml", "qwen2vl_7b.toml", "qwen25vl_7b.toml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_every_recipe_loads_and_opens_with_a_comment(path):
+    cfg = load_config(path)
+    with open(path) as f:
+        head = f.read(2000)
+    assert head.startswith("#")
+    for word in ("Hardware:", "Launch:", "GRPO:"):
+        assert word in head, f"{path} must say {word}"
+    assert cfg.rollout.group_size >= 1
+
+
+def test_flagship_matches_reference_run():
+    cfg = load_config(os.path.join(ROOT, "recipes", "qwen2vl_7b.toml"))
+    assert cfg.rollout.group_size == 8 and cfg.rollout.max_new_tokens == 1024
+    assert cfg.train.lr == 5e-7 and cfg.train.lr_schedule == "cosine" and cfg.grpo.beta == 0.04
+    assert cfg.rewards.weights == {"accuracy": 1.0, "format": 1.0, "clip": 0.8, "pcg": 0.8}
+    assert (cfg.video.fps, cfg.video.min_frames, cfg.video.max_frames) == (2.0, 4, 16)
+    assert cfg.video.max_pixels == 128 * 28 * 28
+
+
+def test_precedence_cli_over_toml_over_defaults(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('[model]\ntiny = "qwen2vl"\n[train]\nsteps = 7\nlr = 0.5\n')
+    cfg = load_config(str(p), ["train.steps=3", "run.output_dir=/tmp/x", "rollout.temperature=0"])
+    assert cfg.train.steps == 3            # CLI beats TOML
+    assert cfg.train.lr == 0.5             # TOML beats default
+    assert cfg.train.warmup_steps == Config().train.warmup_steps  # default
+    assert cfg.run.output_dir == "/tmp/x" and cfg.rollout.temperature == 0.0
+    assert isinstance(cfg.rollout.temperature, float)
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text('[model]\ntiny = "qwen2vl"\n[train]\nstepz = 3\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    assert "train.stepz" in str(e.value) and str(p) in str(e.value) and "steps" in str(e.value)
+
+
+def test_unknown_section_and_wrong_type():
+    with pytest.raises(ConfigError, match="unknown section 'trian'"):
+        load_config(None, ["model.tiny=qwen2vl", "trian.steps=3"])
+    with pytest.raises(ConfigError, match=r"command line: train.steps = 'three': expected an integer"):
+        load_config(None, ["model.tiny=qwen2vl", "train.steps=three"])
+    with pytest.raises(ConfigError, match="grpo.loss_type.*one of 'grpo', 'bnpo'"):
+        load_config(None, ["model.tiny=qwen2vl", "grpo.loss_type=ppo"])
+    with pytest.raises(ConfigError, match="rollout.group_size"):
+        load_config(None, ["model.tiny=qwen2vl", "rollout.group_size=0"])
+    with pytest.raises(ConfigError, match="unknown reward 'clipp'"):
+        load_config(None, ["model.tiny=qwen2vl", "rewards.enabled=['clipp']"])
+
+
+def test_required_names_exist():
+    cfg = load_config(None, ["model.tiny=qwen2vl", "train.resume=true", "data.train=x.json",
+                             "data.video_root=/v", "rollout.group_size=2"])
+    assert (cfg.train.resume, cfg.data.train, cfg.data.video_root) == ("true", "x.json", "/v")
+
+
+def test_overrides_parse_toml_values():
+    assert parse_overrides(["a.b=1", "a.c=[1, 2]", "a.d=hello", "a.e=true"]) == \
+        {"a": {"b": 1, "c": [1, 2], "d": "hello", "e": True}}
+    with pytest.raises(ConfigError):
+        parse_overrides(["steps=3"])
+
+
+def test_every_field_has_a_docstring():
+    for sec in dataclasses.fields(Config):
+        cls = sec.default_factory().__class__
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"[{sec.name}] fields without a docstring: {missing}"
+
+
+def test_round_trip_through_written_toml(tmp_path):
+    cfg = load_config(os.path.join(ROOT, "recipes", "tiny.toml"), ["train.steps=5"])
+    p = tmp_path / "config.toml"
+    p.write_text(to_toml(cfg))
+    assert load_config(str(p)) == cfg
