@@ -6,7 +6,7 @@
 
 The vocabulary-sized work (the logit tiles, their online log-sum-exp and the selected logit in the
 forward; the recomputed tiles, d hidden and d weight in the backward) runs in the kernels of
-``linear_logprobs.py`` (Triton on CUDA, a token x vocabulary chunked PyTorch path elsewhere).
+``fused_linear_logprobs.py`` (Triton on CUDA, a token x vocabulary chunked PyTorch path elsewhere).
 What is left is O(B * T): ratio, clip, k3 KL, per-token loss and the loss-type reduction on the
 fp32 per-token log-probs, done by ``fastebm.grpo.loss.grpo_loss_from_logps`` — the single home of
 the TRL-exact semantics. Autograd turns that into one per-token upstream scalar dL/dlogp, which the
@@ -25,7 +25,7 @@ import torch
 
 from fastebm.grpo.loss import LOSS_TYPES, grpo_loss_from_logps, grpo_loss_reference
 
-from .linear_logprobs import linear_logprobs, token_logprobs
+from .fused_linear_logprobs import linear_logprobs, token_logprobs
 
 
 def _metrics(out) -> dict:

@@ -37,11 +37,23 @@ from ._backend import resolve_backend, triton_interpreted
 
 
 @triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Triton 3.8's interpreter returns garbage for bf16 x bf16 tl.dot; widening the operands to
+    # fp32 is exact (a bf16 product fits in fp32), so the interpreted kernel computes what the GPU's
+    # bf16 tensor-core dot with fp32 accumulation does, up to summation order. Never set on a GPU.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _linear_logprob_fwd_kernel(
     X, W, BIAS, IDS,                      # (N, H), (V, H), (V,) or dummy, (N,)
     M_OUT, L_OUT, SEL_OUT, T_OUT,         # partials, each (SPLITS, N) fp32
     N, V, H, stride_xn, stride_wv, inv_t, tiles_per_split,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -68,7 +80,7 @@ def _linear_logprob_fwd_kernel(
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(W + cols64[:, None] * stride_wv + ks[None, :],
                         mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            acc = _dot(x, tl.trans(w), acc, UPCAST_DOT, DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         z = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))  # (BLOCK_M, BLOCK_V) in registers
@@ -96,7 +108,7 @@ def _linear_logprob_bwd_kernel(
     DX, DW, DB,                           # fp32 accumulators: (N, H), (V, H), (V,)
     N, V, H, stride_xn, stride_wv, inv_t,
     HAS_BIAS: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -121,7 +133,7 @@ def _linear_logprob_bwd_kernel(
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(W + cols64[:, None] * stride_wv + ks[None, :],
                         mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            acc = _dot(x, tl.trans(w), acc, UPCAST_DOT, DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         p = tl.exp(acc * inv_t - lse[:, None])
@@ -137,13 +149,13 @@ def _linear_logprob_bwd_kernel(
             k_ok = ks < H
             w = tl.load(W + cols64[:, None] * stride_wv + ks[None, :],
                         mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            dx = tl.dot(dz_c, w.to(dz_c.dtype), input_precision=DOT_PRECISION)       # (BLOCK_M, BLOCK_K)
+            dx = _dot(dz_c, w.to(dz_c.dtype), None, UPCAST_DOT, DOT_PRECISION)       # (BLOCK_M, BLOCK_K)
             tl.atomic_add(DX + rows64[:, None] * H + ks[None, :], dx,
                           mask=row_ok[:, None] & k_ok[None, :])
             if COMPUTE_DW:
                 x = tl.load(X + rows64[:, None] * stride_xn + ks[None, :],
                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                dw = tl.dot(tl.trans(dz_c), x.to(dz_c.dtype), input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_K)
+                dw = _dot(tl.trans(dz_c), x.to(dz_c.dtype), None, UPCAST_DOT, DOT_PRECISION)  # (BLOCK_V, BLOCK_K)
                 tl.atomic_add(DW + cols64[:, None] * H + ks[None, :], dw,
                               mask=col_ok[:, None] & k_ok[None, :])
 
@@ -203,7 +215,7 @@ def linear_logprob_fwd_triton(hidden2d, weight, ids, bias=None, temperature=1.0,
             part[0], part[1], part[2], part[3],
             N, V, H, hidden2d.stride(0), weight.stride(0), 1.0 / temperature, tiles_per_split,
             HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
-            DOT_PRECISION=_dot_precision(hidden2d.dtype),
+            DOT_PRECISION=_dot_precision(hidden2d.dtype), UPCAST_DOT=triton_interpreted(),
             BLOCK_M=t["fwd_m"], BLOCK_V=t["fwd_v"], BLOCK_K=t["fwd_k"],
             num_warps=t["num_warps"], num_stages=t["num_stages"],
         )
@@ -237,7 +249,7 @@ def linear_logprob_bwd_triton(hidden2d, weight, ids, bias, lse, grad_logp, tempe
             dx, dw if dw is not None else dx, db if db is not None else dx,
             N, V, H, hidden2d.stride(0), weight.stride(0), 1.0 / temperature,
             HAS_BIAS=bias is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-            DOT_PRECISION=_dot_precision(hidden2d.dtype),
+            DOT_PRECISION=_dot_precision(hidden2d.dtype), UPCAST_DOT=triton_interpreted(),
             BLOCK_M=t["bwd_m"], BLOCK_V=t["bwd_v"], BLOCK_K=t["bwd_k"],
             num_warps=t["num_warps"], num_stages=t["num_stages"],
         )
