@@ -70,6 +70,9 @@ def completion_hidden_states(model, prompts: Sequence[Prompt], completions: Sequ
     Shapes: B = len(completions), L = longest prompt+completion, Tc = longest completion.
     """
     device = next(model.parameters()).device
+    video_id = model.config.video_token_id
+    if any(video_id in c for c in completions):
+        raise ValueError("a completion contains the video placeholder token; rollout must suppress it")
     seqs = [prompts[p].ids + list(c) for p, c in zip(prompt_index, completions)]
     B, L = len(seqs), max(len(s) for s in seqs)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)

@@ -38,8 +38,13 @@ def rollout(model, tokenizer, prompts: Sequence[Prompt], cfg) -> RolloutResult:
     G, greedy = cfg.group_size, cfg.temperature == 0
     stops = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    # A completion must never contain vision placeholders (the forward would take them for a
+    # second video); a random or young policy does sample them, so they are masked out here.
+    c = model.config
+    vision_ids = [i for i in (c.video_token_id, c.image_token_id, c.vision_start_token_id,
+                              c.vision_end_token_id) if i is not None]
     gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
-                      do_sample=not greedy)
+                      do_sample=not greedy, suppress_tokens=vision_ids)
     if not greedy:
         gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
     was_training = model.training

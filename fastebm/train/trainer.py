@@ -381,7 +381,7 @@ class Trainer:
                         f"non-finite loss ({float(out.loss)}) at step {self.step + 1}; stopping without saving. "
                         f"The last good checkpoint is {latest_checkpoint(self.run_dir) or '(none yet)'}")
                 loss.backward()
-                step_loss += float(loss)
+                step_loss += float(loss.detach())
                 kl_sum += float(out.kl) * mb_tokens
                 clip_sum += float(out.clip_ratio) * mb_tokens
             if cfg.train.max_grad_norm > 0:

@@ -1,0 +1,38 @@
+"""Shared builders for tests: tiny models (saved and loaded through the real loading code), clips, prompts."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastebm.config import VideoConfig
+
+TINY_VIDEO = VideoConfig(fps=2.0, min_frames=4, max_frames=8, min_pixels=3136, max_pixels=12544)
+
+
+def tiny_model(family: str, cache_dir: str):
+    from fastebm.model.loading import ensure_tiny_model, load_model
+
+    return load_model(ensure_tiny_model(family, cache_dir), torch.device("cpu"))
+
+
+def clip_sample(path: str, codec: str = "vp9", seed: int = 0, num_frames: int = 24, fps: float = 8.0,
+                width: int = 96, height: int = 72, geometry=None):
+    from fastebm.data.synth import write_synthetic_clip
+    from fastebm.data.video import load_video_sample
+
+    if not os.path.exists(path):
+        write_synthetic_clip(path, codec=codec, width=width, height=height, num_frames=num_frames, fps=fps, seed=seed)
+    return load_video_sample(path, TINY_VIDEO, **(geometry or {}))
+
+
+def make_prompt(lm, video, record_index: int = 0, history: int = 0):
+    from fastebm.data.prompts import build_messages, encode_prompt
+    from fastebm.data.records import parse_record
+    from fastebm.data.sample import make_records
+    from fastebm.model.forward import Prompt
+
+    rec = parse_record(make_records()[record_index], "sample.json", record_index)
+    ids = encode_prompt(lm.tokenizer, build_messages(rec, "A profile.", max_history_turns=history),
+                        video.num_video_tokens)
+    return Prompt(ids, video)
