@@ -88,7 +88,7 @@ def vfr_timestamps(num_frames: int, fps: float, seed: int = 0) -> list[float]:
 
 def write_synthetic_clip(path: str, *, codec: str = "h264", width: int = 64, height: int = 48,
                          num_frames: int = 16, fps: float = 8.0, seed: int = 0, vfr: bool = False,
-                         gop: int = 12, frame_code: bool = True, crf: int = 20) -> str:
+                         gop: int = 12, frame_code: bool = True, crf: int = 20, _format: str = "") -> str:
     """Encode a clip of moving coloured shapes with PyAV; returns ``path``.
 
     ``codec``: ``h264`` (MP4; width and height must be even for 4:2:0), ``vp9`` or ``vp8`` (WebM,
@@ -104,6 +104,7 @@ def write_synthetic_clip(path: str, *, codec: str = "h264", width: int = 64, hei
     if num_frames < 1 or width < 2 or height < 2:
         raise ValueError("write_synthetic_clip: need num_frames >= 1 and width, height >= 2")
     fmt, encoder = _CONTAINERS[codec]
+    fmt = _format or fmt  # (bad-input files keep their container whatever the file name says)
     frames = synthetic_frames(width=width, height=height, num_frames=num_frames, seed=seed,
                               frame_code=frame_code)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -137,4 +138,61 @@ def write_synthetic_clip(path: str, *, codec: str = "h264", width: int = 64, hei
                 out.mux(packet)
         for packet in stream.encode(None):
             out.mux(packet)
+    return path
+
+
+BAD_KINDS = ("missing", "empty", "truncated", "not_video", "too_few_frames", "absurd_dims", "hang")
+"""Every kind of bad input ``write_bad_video`` makes (``hang`` needs a POSIX FIFO)."""
+
+BAD_REASONS = {
+    "missing": "file not found",
+    "empty": "empty file",
+    "truncated": "truncated",
+    "not_video": "not a video",
+    "too_few_frames": "fewer than",
+    "absurd_dims": "absurd dimensions",
+    "hang": "timed out after",
+}
+"""A substring of ``VideoError.reason`` (and of skipped.jsonl's reason) for each bad kind, with the
+default VideoConfig (min_frames 4) and a finite ``timeout_s`` for ``hang``."""
+
+
+def write_bad_video(path: str, kind: str, *, seed: int = 0) -> str:
+    """Write one bad input of ``kind`` (see ``BAD_KINDS``) at ``path`` and return ``path``.
+
+    missing: nothing is written (any existing file is removed). empty: 0 bytes. truncated: a
+    4 s VP9 clip cut to its first 40% of bytes (header intact, the rest of the stream gone).
+    not_video: text bytes. too_few_frames: a valid 3-frame clip (fewer than min_frames 4).
+    absurd_dims: a valid 1000x4 clip (aspect ratio 250, more than Qwen2-VL accepts). hang: a named
+    pipe no one writes to, so opening it blocks forever (the time limit must turn it into an error;
+    open the pipe for writing and close it to release a stuck reader).
+    """
+    if kind not in BAD_KINDS:
+        raise ValueError(f"write_bad_video: kind {kind!r}: expected one of {BAD_KINDS}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if os.path.lexists(path):
+        os.remove(path)
+    if kind == "missing":
+        return path
+    if kind == "empty":
+        open(path, "wb").close()
+    elif kind == "truncated":
+        tmp = path + ".full.webm"
+        write_synthetic_clip(tmp, codec="vp9", width=96, height=64, num_frames=40, fps=10, seed=seed)
+        with open(tmp, "rb") as f:
+            data = f.read()
+        os.remove(tmp)
+        with open(path, "wb") as f:
+            f.write(data[: int(len(data) * 0.4)])
+    elif kind == "not_video":
+        with open(path, "wb") as f:
+            f.write(b"This is a subtitle file, not a video.\n" * 64)
+    elif kind == "too_few_frames":
+        write_synthetic_clip(path, codec="vp9", width=64, height=48, num_frames=3, fps=10, seed=seed,
+                             _format="webm")
+    elif kind == "absurd_dims":
+        write_synthetic_clip(path, codec="vp9", width=1000, height=4, num_frames=8, fps=10, seed=seed,
+                             frame_code=False, _format="webm")
+    elif kind == "hang":
+        os.mkfifo(path)
     return path
