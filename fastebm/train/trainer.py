@@ -194,6 +194,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state(state["sampler"])
         self.samples_skipped = state.get("samples_skipped", self.samples_skipped)
+        self.profiles.missing = dict(state.get("profiles_missing", {}))
         set_rng_state(state["rng"])
         self.step = state["step"]
         log.info("resumed from %s at step %d", path, self.step)
@@ -378,7 +379,7 @@ class Trainer:
                 loss = out.loss * scale
                 if not torch.isfinite(loss):
                     raise TrainingError(
-                        f"non-finite loss ({float(out.loss)}) at step {self.step + 1}; stopping without saving. "
+                        f"non-finite loss ({float(out.loss.detach())}) at step {self.step + 1}; stopping without saving. "
                         f"The last good checkpoint is {latest_checkpoint(self.run_dir) or '(none yet)'}")
                 loss.backward()
                 step_loss += float(loss.detach())
@@ -408,7 +409,8 @@ class Trainer:
 
     def save(self) -> str:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "sampler": self.sampler.state(), "samples_skipped": self.samples_skipped}
+                 "sampler": self.sampler.state(), "samples_skipped": self.samples_skipped,
+                 "profiles_missing": dict(self.profiles.missing)}
         path = save_checkpoint(self.run_dir, self.step, self.policy.model, self.policy.tokenizer, state,
                                self.fingerprint, keep=self.cfg.train.keep_checkpoints)
         log.info("checkpoint: %s", path)
