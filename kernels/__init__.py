@@ -8,7 +8,7 @@ GPU. See docs/kernels.md.
 """
 from .fused_linear_grpo import FusedLinearGRPOLoss, fused_linear_grpo_loss, fused_linear_grpo_loss_ref
 from .group_advantages import group_advantages, group_advantages_ref
-from .grpo_loss import grpo_loss, grpo_loss_ref
+from .logits_grpo_loss import grpo_loss, grpo_loss_ref
 from .fused_linear_logprobs import linear_logprobs, token_logprobs, token_logprobs_ref
 
 __all__ = [
