@@ -295,6 +295,27 @@ def build_sample(policy: torch.Tensor, clip: torch.Tensor, meta: VideoMeta, *, p
                        num_video_tokens=int(grid.prod()) // merge_size ** 2, frames=policy)
 
 
+def load_sample_frames(path: str, cfg, *, patch_size: int = 14, temporal_patch_size: int = 2,
+                       merge_size: int = 2) -> tuple[torch.Tensor, torch.Tensor, VideoMeta, bool]:
+    """(policy frames, CLIP frames, meta, from_cache): the cache when ``cfg.cache_dir`` holds the clip,
+    else one decode (stored in the cache). No time limit here (callers add it). Counts in decode_stats."""
+    from .cache import VideoCache
+
+    params = sampling_params(cfg, patch_size, temporal_patch_size, merge_size)
+    cache = VideoCache(cfg.cache_dir) if getattr(cfg, "cache_dir", "") else None
+    if cache is not None:
+        pyav_backend.check_file(path)
+        hit = cache.get(path, params)
+        if hit is not None:
+            count("cache_hit", path)
+            return (*hit, True)
+    policy, clip, meta = decode_sample_frames(path, cfg, patch_size=patch_size,
+                                              temporal_patch_size=temporal_patch_size, merge_size=merge_size)
+    if cache is not None:
+        cache.put(path, params, policy, clip, meta)
+    return policy, clip, meta, False
+
+
 def load_video_sample(path, cfg, *, patch_size: int = 14, temporal_patch_size: int = 2,
                       merge_size: int = 2) -> VideoSample:
     """Decode one clip once (or read it from ``cfg.cache_dir``) and return policy input + CLIP frames.
@@ -303,24 +324,11 @@ def load_video_sample(path, cfg, *, patch_size: int = 14, temporal_patch_size: i
     frames the duration rule (4/8/16/32); both come from the same decode. Bad input and timeouts
     (``cfg.timeout_s``) raise ``VideoError``.
     """
-    from .cache import VideoCache
-
     path = str(path)
-    params = sampling_params(cfg, patch_size, temporal_patch_size, merge_size)
-    cache = VideoCache(cfg.cache_dir) if getattr(cfg, "cache_dir", "") else None
 
     def work() -> VideoSample:
-        if cache is not None:
-            hit = cache.get(path, params)
-            if hit is not None:
-                count("cache_hit", path)
-                policy, clip, meta = hit
-                return build_sample(policy, clip, meta, patch_size=patch_size,
-                                    temporal_patch_size=temporal_patch_size, merge_size=merge_size)
-        policy, clip, meta = decode_sample_frames(path, cfg, patch_size=patch_size,
-                                                  temporal_patch_size=temporal_patch_size, merge_size=merge_size)
-        if cache is not None:
-            cache.put(path, params, policy, clip, meta)
+        policy, clip, meta, _ = load_sample_frames(path, cfg, patch_size=patch_size,
+                                                   temporal_patch_size=temporal_patch_size, merge_size=merge_size)
         return build_sample(policy, clip, meta, patch_size=patch_size, temporal_patch_size=temporal_patch_size,
                             merge_size=merge_size)
 
