@@ -12,7 +12,7 @@ def check_records(path: str, video_root: str = "", video_cfg: VideoConfig | None
 
     from fastebm.data.video import VideoError, load_video_sample
 
-    console = Console(file=out) if out is not None else Console()
+    console = Console(file=out, soft_wrap=True) if out is not None else Console(soft_wrap=True)
     video_cfg = video_cfg or VideoConfig()
     bad: list[tuple[str, str]] = []
     raw = read_raw(path)
@@ -20,20 +20,20 @@ def check_records(path: str, video_root: str = "", video_cfg: VideoConfig | None
     for i, obj in enumerate(raw):
         try:
             rec = parse_record(obj, path, i)
-        except DataError as e:
-            bad.append((f"record {i}", str(e)))
+        except DataError as e:  # the message names the file, the record and the field
+            bad.append(("record", str(e)))
             continue
         ok_records += 1
         vpath = resolve_video(rec, video_root)
         try:
             vs = load_video_sample(vpath, video_cfg)
-        except VideoError as e:
-            bad.append((vpath, str(e)))
+        except VideoError as e:  # the message names the file and the reason
+            bad.append(("video", str(e)))
             continue
         ok_videos += 1
         console.print(f"ok  {vpath}  {vs.meta.codec} {vs.meta.width}x{vs.meta.height} "
                       f"{vs.meta.duration:.1f}s -> {vs.num_video_tokens} video tokens")
     console.print(f"\n{len(raw)} records: {ok_records} valid; {ok_videos} videos decoded; {len(bad)} problems")
-    for where, why in bad:
-        console.print(f"[red]BAD[/red] {where}: {why}", markup=True, highlight=False)
+    for kind, why in bad:
+        console.print(f"[red]BAD[/red] {kind}: {why}", markup=True, highlight=False)
     return not bad
