@@ -1,0 +1,108 @@
+"""Shared-prefix forward: the video + prompt prefix runs once per prompt for every suffix.
+
+PrefixGrouper-style packing: one row per prompt,
+
+    [ prefix (P) | suffix_1 (S_1) | suffix_2 (S_2) | ... | suffix_k (S_k) | pad ]
+
+with a block attention mask: prefix tokens are causal among themselves; each suffix attends to the
+whole prefix and causally to itself, never to another suffix. Suffix positions restart after the
+prefix (M-RoPE text positions ``p_next + t`` in all three sections), exactly the positions each
+suffix has in its own ``[prefix; suffix]`` sequence. Because the prefix is computed once and every
+suffix reads the same prefix keys/values, the forward equals the repeated one token for token, and
+the backward sums every suffix's gradient into the one prefix computation — the same gradient as
+the repeated forward, at a fraction of the cost when the prefix is long.
+
+The packed row needs a custom 4D mask, so it runs on the SDPA or eager attention paths (not
+flash-attn's varlen kernel).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fastebm.model.forward import CompletionBatch, Prompt, mrope_positions, video_inputs
+
+
+def prefix_positions(model, prompt: Prompt, device) -> tuple[torch.Tensor, int]:
+    """M-RoPE positions (3, P) of a prompt alone and the first position after it (``p_next``).
+
+    The one function every shared-prefix pass (rollout, scoring, training) uses: suffix token t
+    sits at ``p_next + t``.
+    """
+    ids = torch.tensor([prompt.ids], device=device)
+    v = video_inputs([prompt.video], device)
+    pos = mrope_positions(model, ids, torch.ones_like(ids), v["video_grid_thw"], v["second_per_grid_ts"])
+    return pos[:, 0], int(pos.max()) + 1
+
+
+def pack_groups(prompt_index: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """[(prompt, [positions in the call's sequence list])] in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompt_index):
+        groups.setdefault(p, []).append(i)
+    return list(groups.items())
+
+
+def shared_prefix_hidden_states(model, prompts: Sequence[Prompt], completions: Sequence[Sequence[int]],
+                                prompt_index: Sequence[int], pad_id: int = 0) -> CompletionBatch:
+    """Same contract as ``forward.completion_hidden_states``, one packed row per distinct prompt.
+
+    Shapes: R rows (distinct prompts), L = longest P + sum(S), B = len(completions), Tc = longest S.
+    """
+    device = next(model.parameters()).device
+    video_id = model.config.video_token_id
+    if any(video_id in c for c in completions):
+        raise ValueError("a completion contains the video placeholder token; rollout must suppress it")
+    groups = pack_groups(prompt_index)
+    R = len(groups)
+    lengths = [len(prompts[p].ids) + sum(len(completions[i]) for i in members) for p, members in groups]
+    L = max(lengths)
+    input_ids = torch.full((R, L), pad_id, dtype=torch.long, device=device)
+    pos = torch.zeros((3, R, L), dtype=torch.long, device=device)
+    mask = torch.zeros((R, 1, L, L), dtype=torch.bool, device=device)
+    B = len(completions)
+    Tc = max(1, max((len(c) for c in completions), default=1))
+    gather_row = torch.zeros(B, dtype=torch.long)
+    gather_idx = torch.zeros((B, Tc), dtype=torch.long)
+    ids = torch.zeros((B, Tc), dtype=torch.long)
+    cmask = torch.zeros((B, Tc), dtype=torch.long)
+    prefix_tokens = 0
+    for r, (p, members) in enumerate(groups):
+        prompt = prompts[p]
+        P = len(prompt.ids)
+        prefix_tokens += P
+        input_ids[r, :P] = torch.tensor(prompt.ids, device=device)
+        ppos, p_next = prefix_positions(model, prompt, device)
+        pos[:, r, :P] = ppos
+        mask[r, 0, :P, :P] = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        start = P
+        for i in members:
+            c = list(completions[i])
+            S = len(c)
+            end = start + S
+            input_ids[r, start:end] = torch.tensor(c, dtype=torch.long, device=device)
+            pos[:, r, start:end] = p_next + torch.arange(S, device=device)
+            mask[r, 0, start:end, :P] = True
+            mask[r, 0, start:end, start:end] = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+            # token t of this suffix is predicted by the row position before it: the prefix's last
+            # token for t = 0, then the suffix's own tokens.
+            gather_row[i] = r
+            if S:
+                gather_idx[i, 0] = P - 1
+                gather_idx[i, 1:S] = torch.arange(start, end - 1)
+                ids[i, :S] = torch.tensor(c, dtype=torch.long)
+                cmask[i, :S] = 1
+            start = end
+        if start < L:  # padding attends to itself only (a row of all False would be NaN in SDPA)
+            k = torch.arange(start, L, device=device)
+            mask[r, 0, k, k] = True
+    vids = video_inputs([prompts[p].video for p, _ in groups], device)
+    mm_types = (input_ids == video_id).to(torch.int32) * 2
+    out = model.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
+                      pixel_values_videos=vids["pixel_values_videos"].to(model.dtype),
+                      video_grid_thw=vids["video_grid_thw"], mm_token_type_ids=mm_types, use_cache=False)
+    h = out.last_hidden_state  # (R, L, H)
+    gather_row, gather_idx = gather_row.to(device), gather_idx.to(device)
+    hidden = h[gather_row.unsqueeze(1), gather_idx]  # (B, Tc, H)
+    return CompletionBatch(hidden, ids.to(device), cmask.to(device), prefix_tokens)
