@@ -83,3 +83,30 @@ def test_video_error_pickles():
 
     e = pickle.loads(pickle.dumps(VideoError("/x/y.mp4", "empty file (0 bytes)")))
     assert (e.path, e.reason, str(e)) == ("/x/y.mp4", "empty file (0 bytes)", "/x/y.mp4: empty file (0 bytes)")
+
+
+@pytest.mark.parametrize("codec,ext", [("h264", "mp4"), ("vp9", "webm")])
+@pytest.mark.parametrize("backend", ["pyav", "dali"])
+def test_corrupted_bytes_give_a_sample_or_a_video_error(tmp_path, codec, ext, backend):
+    """Random damage anywhere in a file: a VideoError or a well-formed sample, never another exception."""
+    import numpy as np
+
+    src = write_synthetic_clip(str(tmp_path / f"src.{ext}"), codec=codec, width=96, height=64, num_frames=30,
+                               fps=10)
+    data = bytearray(open(src, "rb").read())
+    rng = np.random.default_rng(0)
+    outcomes = []
+    for i in range(12):
+        d = bytearray(data)
+        start = int(rng.integers(0, len(d) - 64))
+        d[start:start + 48] = rng.integers(0, 256, 48, dtype=np.uint8).tobytes()
+        p = str(tmp_path / f"bad{i}.{ext}")
+        open(p, "wb").write(bytes(d))
+        try:
+            s = load_video_sample(p, VideoConfig(backend=backend if codec == "vp9" else "pyav", timeout_s=20))
+            assert s.pixel_values_videos.shape[0] == int(s.video_grid_thw.prod())
+            outcomes.append("ok")
+        except VideoError as e:
+            assert e.path == p and e.reason
+            outcomes.append("error")
+    assert len(outcomes) == 12

@@ -16,6 +16,7 @@ from .api import (
     decode,
     decode_sample_frames,
     decode_stats,
+    load_sample_frames,
     load_video_sample,
     reset_decode_stats,
     run_with_deadline,
@@ -32,14 +33,15 @@ from .preprocess import (
     resize_frames,
     smart_resize,
 )
+from .loader import VideoPrefetcher
 from .pyav_backend import probe
 from .sampling import clip_frame_indices, clip_num_frames, policy_frame_indices, policy_num_frames
 
 __all__ = [
     "CPU_PREFERENCE", "DecodedVideo", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "StreamInfo", "VideoCache",
-    "VideoError", "VideoMeta", "VideoSample", "build_sample", "choose_backend", "clip_frame_indices",
+    "VideoError", "VideoMeta", "VideoPrefetcher", "VideoSample", "build_sample", "choose_backend", "clip_frame_indices",
     "clip_num_frames", "clip_pixel_values", "clip_resize_crop", "content_hash", "decode",
     "decode_sample_frames", "decode_stats", "load_video_sample", "normalize_patchify",
     "policy_frame_indices", "policy_num_frames", "probe", "reset_decode_stats", "resize_frames",
-    "run_with_deadline", "sampling_params", "smart_resize",
+    "load_sample_frames", "run_with_deadline", "sampling_params", "smart_resize",
 ]

@@ -214,10 +214,24 @@ def decode(path, num_frames: Optional[int] = None, fps: Optional[float] = None, 
         return DecodedVideo(frames=frames, meta=meta)
 
     try:
-        return run_with_deadline(work, timeout_s, path)
+        return run_with_deadline(_guarded(path, work), timeout_s, path)
     except VideoError:
         count("error")
         raise
+
+
+def _guarded(path: str, fn: Callable[[], T]) -> Callable[[], T]:
+    """``fn`` with library I/O and codec errors turned into VideoError (bugs still propagate)."""
+    def run() -> T:
+        import av
+
+        try:
+            return fn()
+        except VideoError:
+            raise
+        except (av.error.FFmpegError, OSError, MemoryError) as e:
+            raise VideoError(path, f"decode failed: {type(e).__name__}: {e}") from None
+    return run
 
 
 def _check_min_frames(path: str, info: StreamInfo, min_frames: int, key: str = "min_frames") -> None:
@@ -333,7 +347,7 @@ def load_video_sample(path, cfg, *, patch_size: int = 14, temporal_patch_size: i
                             merge_size=merge_size)
 
     try:
-        return run_with_deadline(work, cfg.timeout_s, path)
+        return run_with_deadline(_guarded(path, work), cfg.timeout_s, path)
     except VideoError:
         count("error")
         raise

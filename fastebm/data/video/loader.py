@@ -46,7 +46,7 @@ _READY = "__ready__"
 def _work(path: str, cfg, sizes: dict):
     """One task in a worker: returns ("ok", (policy, clip, meta_dict, from_cache)) or ("err", VideoError)."""
     try:
-        policy, clip, meta, from_cache = api.load_sample_frames(path, cfg, **sizes)
+        policy, clip, meta, from_cache = api._guarded(path, lambda: api.load_sample_frames(path, cfg, **sizes))()
         return "ok", (policy, clip, meta.to_dict(), from_cache)
     except VideoError as e:
         return "err", e
