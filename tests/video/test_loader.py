@@ -75,3 +75,18 @@ def test_prefetcher_inline_and_endless_source(tmp_path):
     for _ in range(4):
         assert isinstance(next(it)[1], VideoSample)
     pf.close()
+
+
+def test_thread_prefetcher_with_dali_backend(clips):
+    from fastebm.data.video import dali_backend
+
+    if not dali_backend.available():
+        pytest.skip("nvidia-dali is not importable here")
+    paths = [clips["vp9_odd"], clips["h264"], clips["vp9_small"]]
+    reset_decode_stats()
+    with VideoPrefetcher(paths, VideoConfig(backend="dali"), num_workers=2, worker_type="thread") as pf:
+        out = list(pf)
+    assert isinstance(out[0][1], VideoSample) and out[0][1].meta.backend == "dali"
+    assert isinstance(out[1][1], VideoError) and "h264" in out[1][1].reason  # DALI-CPU refuses H.264
+    assert isinstance(out[2][1], VideoSample)
+    assert decode_stats()["decodes_dali"] == 2
