@@ -255,6 +255,29 @@ class LogConfig:
 
 
 @dataclass
+class ParallelConfig:
+    dp_shard: int = -1
+    """FSDP2 shard degree: parameters, gradients and optimizer states are split over this many ranks
+    (-1: all ranks not used by dp_replicate). dp_shard x dp_replicate must equal the world size."""
+    dp_replicate: int = 1
+    """HSDP replica groups (e.g. one per node): shard within a group, all-reduce across groups."""
+    param_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """FSDP mixed precision: dtype parameters are all-gathered in for compute (``auto``: the stored dtype,
+    i.e. model.dtype). Store float32 (model.dtype) and compute bfloat16 for master weights."""
+    reduce_dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    """FSDP mixed precision: dtype gradients are reduce-scattered in (``auto``: the stored dtype)."""
+    cpu_offload: bool = False
+    """Keep sharded parameters, gradients and optimizer states in host memory (FSDP2 CPUOffloadPolicy);
+    the optimizer then steps on the CPU."""
+    reshard_after_forward: bool = True
+    """Free each block's gathered parameters after its forward (ZeRO-3); false keeps them until the
+    backward (ZeRO-2-like: more memory, one all-gather less per block and step)."""
+    timeout_s: float = 900.0
+    """Timeout of every collective: a rank that hangs ends the job with a timeout error on the others
+    after this long (longer than the slowest rollout's skew between ranks)."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -265,6 +288,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,6 +458,10 @@ def validate(cfg: Config, source: str = "config") -> None:
          "set exactly one of model.path (a local checkpoint) and model.tiny ('qwen2vl' or 'qwen25vl')")
     need(cfg.train.resume.lower() in ("true", "false") or bool(cfg.train.resume), "train.resume",
          "false, true or a checkpoint directory")
+    p = cfg.parallel
+    need(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", "must be >= 1, or -1 (fill the world size)")
+    need(p.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1")
+    need(p.timeout_s > 0, "parallel.timeout_s", "must be > 0")
     from fastebm.rewards import REWARDS  # the registry is the source of truth for names
 
     for name in cfg.rewards.enabled:
@@ -448,6 +476,23 @@ def validate(cfg: Config, source: str = "config") -> None:
     need("clip" not in r.enabled or r.clip.tiny or bool(r.clip.pretrained), "rewards.clip.pretrained",
          "clip is enabled: set a local open_clip weights file (or rewards.clip.tiny = true)")
     need(-1 <= r.pcg.tau <= 1, "rewards.pcg.tau", "must be a cosine in [-1, 1]")
+
+
+def check_parallel(cfg_parallel: ParallelConfig, world_size: int, prompts_per_step: Optional[int] = None,
+                   source: str = "parallel") -> None:
+    """The ``[parallel]`` degrees against the number of processes; ConfigError says what to change."""
+    p = cfg_parallel
+    shard = p.dp_shard if p.dp_shard != -1 else world_size // p.dp_replicate
+    if world_size % p.dp_replicate or shard * p.dp_replicate != world_size:
+        raise ConfigError(
+            f"{source}: parallel.dp_shard = {p.dp_shard} x parallel.dp_replicate = {p.dp_replicate} needs "
+            f"{(p.dp_shard if p.dp_shard != -1 else '?')} x {p.dp_replicate} processes, but the world size is "
+            f"{world_size} (--nproc-per-node x --nnodes): make the product equal the world size, or set "
+            f"parallel.dp_shard = -1")
+    if prompts_per_step is not None and prompts_per_step % world_size:
+        raise ConfigError(
+            f"{source}: train.prompts_per_step = {prompts_per_step} is not divisible by the world size "
+            f"{world_size}: each rank takes whole groups (prompts_per_step / world_size prompts)")
 
 
 def to_dict(cfg) -> dict:
