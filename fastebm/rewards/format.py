@@ -5,14 +5,18 @@ For tags (v, t, a), e.g. (vision, think, answer):
   * +1 if ``<v>..</v>[^<]*<t>..</t>[^<]*<a>..</a>`` matches (blocks in order, only plain text between)
   * +0.5 if the (whitespace-stripped) text starts with <v>, else -1
   * +0.5 if it ends with </a>, else -1
+
+Identical to the reference code's ``format_reward`` (its ``^\s*<vision>`` / ``</answer>\s*$`` are the
+stripped start and end here); tests/rewards/test_format.py checks the two agree on random strings.
 """
 from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Sequence
 
 from fastebm.rewards.registry import register
+from fastebm.rewards.text import extract_tag  # noqa: F401  (re-exported)
 
 
 @lru_cache(maxsize=16)
@@ -31,12 +35,6 @@ def format_reward(text: str, tags: Sequence[str] = ("vision", "think", "answer")
     score += 0.5 if s.startswith(f"<{v}>") else -1.0
     score += 0.5 if s.endswith(f"</{a}>") else -1.0
     return score
-
-
-def extract_tag(text: str, tag: str) -> Optional[str]:
-    """The stripped content of the first ``<tag>…</tag>`` block, or None when there is none."""
-    m = re.search(rf"<{tag}>(.*?)</{tag}>", text, re.DOTALL)
-    return m.group(1).strip() if m else None
 
 
 @register("format")

@@ -1,10 +1,17 @@
-"""The reward registry and the inputs every reward receives."""
+"""The reward registry, the inputs every reward receives, and how a failing reward is handled."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+log = logging.getLogger("fastebm")
+
 REWARDS: dict[str, Callable] = {}
+
+
+class RewardError(RuntimeError):
+    """A reward model failed (or returned the wrong number of values); the message names the reward."""
 
 
 def register(name: str):
@@ -19,10 +26,13 @@ def register(name: str):
 
 @dataclass
 class RewardContext:
-    """What reward factories may need once per run (models, device, tags)."""
+    """What reward factories may need once per run (models, device, tags, caches)."""
     tags: Sequence[str] = ("vision", "think", "answer")
     device: Any = "cpu"
     reference: Any = None        # the frozen reference/teacher (fastebm.model.loading.LoadedModel)
+    tiny_cache_dir: str = "~/.cache/fastebm/models"   # where tiny reward models are built (model.tiny_cache_dir)
+    video_cache_dir: str = ""    # video.cache_dir: CLIP frame embeddings are cached beside the clips
+    kernel: str = "reference"    # grpo.kernel: log-prob kernel of the PCG teacher pass
 
 
 @dataclass
@@ -44,3 +54,28 @@ def build_rewards(names: Sequence[str], cfg, context: RewardContext) -> dict[str
     if missing:
         raise KeyError(f"rewards.enabled: unknown reward(s) {missing}; available: {sorted(REWARDS)}")
     return {n: REWARDS[n](cfg, context) for n in names}
+
+
+def call_reward(name: str, fn: Callable, completions: list[str], inputs: RewardInputs,
+                on_error: str = "raise") -> tuple[list[float], int]:
+    """Run one reward on the batch: ``(values, errors)``.
+
+    A reward that raises, or returns the wrong number of values: with ``on_error = "raise"`` a
+    ``RewardError`` naming the reward; with ``"zero"`` every completion scores 0 for it and
+    ``errors`` is the number of completions so zeroed (the trainer logs it as
+    ``reward/<name>_errors``): a failure is never a silent 0.
+    """
+    n = len(completions)
+    try:
+        vals = [float(x) for x in fn(completions, inputs)]
+        if len(vals) != n:
+            raise RewardError(f"reward {name!r} returned {len(vals)} values for {n} completions")
+    except Exception as e:
+        if on_error != "zero":
+            if isinstance(e, RewardError):
+                raise
+            raise RewardError(f"reward {name!r} failed: {type(e).__name__}: {e}") from e
+        log.warning("reward %r failed (%s: %s); scoring %d completions 0 (rewards.on_error = 'zero')",
+                    name, type(e).__name__, e, n)
+        return [0.0] * n, n
+    return vals, 0

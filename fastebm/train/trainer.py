@@ -43,7 +43,7 @@ from fastebm.grpo.loss import compute_grpo_loss, scoring_logprobs
 from fastebm.model.forward import Prompt, completion_hidden_states, lm_head_weight
 from fastebm.model.loading import LoadedModel, load_model, resolve_model_path
 from fastebm.model.rollout import RolloutResult, rollout
-from fastebm.rewards import RewardContext, RewardInputs, build_rewards
+from fastebm.rewards import RewardContext, RewardError, RewardInputs, build_rewards, call_reward
 from fastebm.train.checkpoint import (fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint,
                                       set_rng_state)
 from fastebm.train.metrics import MetricsWriter
@@ -144,7 +144,8 @@ class Trainer:
                                         trainable=False)
         self.rewards = build_rewards(cfg.rewards.enabled, cfg.rewards,
                                      RewardContext(tags=tuple(cfg.data.tags), device=self.device,
-                                                   reference=self.reference))
+                                                   reference=self.reference, tiny_cache_dir=cfg.model.tiny_cache_dir,
+                                                   video_cache_dir=cfg.video.cache_dir, kernel=cfg.grpo.kernel))
 
         params = [p for p in self.policy.model.parameters() if p.requires_grad]
         t = cfg.train
@@ -275,6 +276,7 @@ class Trainer:
             rv = torch.tensor(v, dtype=torch.float64)
             m[f"reward/{n}"] = float(rv.mean())
             m[f"reward/{n}_std"] = float(rv.view(-1, G).std(dim=1).mean()) if G > 1 else 0.0
+            m[f"reward/{n}_errors"] = self.reward_errors.get(n, 0)
         m.update({
             "adv/std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
             "tokens/prefix": prefix_tokens,
@@ -324,12 +326,13 @@ class Trainer:
         inputs = RewardInputs(records=batch.records, group_size=self.cfg.rollout.group_size,
                               videos=[p.video for p in batch.prompts], prompt_ids=[p.ids for p in batch.prompts],
                               completion_ids=roll.completion_ids)
-        out = {}
+        out, self.reward_errors = {}, {}
         for name, fn in self.rewards.items():
-            vals = [float(x) for x in fn(roll.texts, inputs)]
-            if len(vals) != len(roll.texts):
-                raise TrainingError(f"reward {name!r} returned {len(vals)} values for {len(roll.texts)} completions")
-            out[name] = vals
+            try:  # rewards.on_error = "zero": a failure scores 0 and is counted, never silent
+                out[name], self.reward_errors[name] = call_reward(name, fn, roll.texts, inputs,
+                                                                  self.cfg.rewards.on_error)
+            except RewardError as e:
+                raise TrainingError(f"step {self.step + 1}: {e}") from e
         return out
 
     def _micro_batches(self, n: int) -> list[list[int]]:
