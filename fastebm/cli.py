@@ -1,6 +1,7 @@
 """The ``fastebm`` command.
 
     fastebm train RECIPE [section.key=value ...] [--print-config]
+    fastebm sft RECIPE [section.key=value ...] [--print-config]
     fastebm data sample OUT_DIR
     fastebm data check RECORDS [--video-root DIR]
     fastebm data precompute RECORDS [--video-root DIR] [--cache-dir DIR]
@@ -50,6 +51,22 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_sft(args) -> int:
+    from fastebm.config import load_config, to_commented_toml
+
+    cfg = load_config(args.recipe, args.overrides)
+    if args.print_config:
+        print(to_commented_toml(cfg))
+        return 0
+    from fastebm.train.sft import SFTTrainer
+
+    _setup_logging(os.path.expanduser(cfg.run.output_dir))
+    trainer = SFTTrainer(cfg)
+    trainer.train()
+    logging.getLogger("fastebm").info("done: %d SFT steps; metrics in %s", trainer.step, trainer.metrics.path)
+    return 0
+
+
 def _cmd_data_sample(args) -> int:
     from fastebm.data.sample import write_sample_dataset
 
@@ -74,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="section.key=value overrides (beat the recipe)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=_cmd_train)
+
+    f = sub.add_parser("sft", help="CoT-SFT stage: supervised training on the process + solution of CoT records")
+    f.add_argument("recipe", help="TOML recipe, e.g. recipes/tiny_sft.toml")
+    f.add_argument("overrides", nargs="*", help="section.key=value overrides (beat the recipe)")
+    f.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    f.set_defaults(func=_cmd_sft)
 
     d = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     s = d.add_parser("sample", help="write the bundled sample dataset (records, profiles, CoT, clips)")
