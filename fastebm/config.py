@@ -127,6 +127,10 @@ class RolloutConfig:
     """Top-k sampling (0: off)."""
     max_new_tokens: int = 1024
     """Completion length limit; generation stops earlier at EOS, per sample."""
+    shared_prefix: bool = True
+    """Run the video + prompt prefix once per prompt for every pass (rollout with cascade attention,
+    packed scoring and training forwards). False: the repeated path (HF generate, one sequence per
+    sample), kept for checking and benchmarking."""
 
 
 @dataclass

@@ -7,7 +7,7 @@ trainer only sees ``rollout(model, tokenizer, prompts, cfg) -> RolloutResult``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -21,6 +21,7 @@ class RolloutResult:
     texts: list[str]                  # decoded completions, special tokens dropped
     truncated: list[bool]             # True where max_new_tokens was hit before EOS
     prefill_tokens: int               # prompt tokens run through the model (metrics)
+    logprobs: Optional[list[list[float]]] = None  # sampled tokens' log-probs, where the rollout has them
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -31,6 +32,14 @@ def eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def suppressed_ids(model) -> list[int]:
+    """Vision placeholders: a completion must never contain them (the forward would take them for
+    another video); a random or young policy does sample them, so rollouts mask them out."""
+    c = model.config
+    return [i for i in (c.video_token_id, c.image_token_id, c.vision_start_token_id, c.vision_end_token_id)
+            if i is not None]
+
+
 @torch.no_grad()
 def rollout(model, tokenizer, prompts: Sequence[Prompt], cfg) -> RolloutResult:
     """Sample ``cfg.group_size`` completions for each prompt (``cfg``: the ``[rollout]`` section)."""
@@ -38,13 +47,8 @@ def rollout(model, tokenizer, prompts: Sequence[Prompt], cfg) -> RolloutResult:
     G, greedy = cfg.group_size, cfg.temperature == 0
     stops = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    # A completion must never contain vision placeholders (the forward would take them for a
-    # second video); a random or young policy does sample them, so they are masked out here.
-    c = model.config
-    vision_ids = [i for i in (c.video_token_id, c.image_token_id, c.vision_start_token_id,
-                              c.vision_end_token_id) if i is not None]
     gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
-                      do_sample=not greedy, suppress_tokens=vision_ids)
+                      do_sample=not greedy, suppress_tokens=suppressed_ids(model))
     if not greedy:
         gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
     was_training = model.training

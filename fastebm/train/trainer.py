@@ -40,7 +40,9 @@ from fastebm.data.prompts import build_messages, encode_prompt
 from fastebm.data.records import Profiles, Record, RecordSampler, parse_record, read_raw, resolve_video
 from fastebm.grpo.advantages import combine_rewards
 from fastebm.grpo.loss import compute_grpo_loss, scoring_logprobs
+from fastebm.model.decode import shared_prefix_rollout
 from fastebm.model.forward import Prompt, completion_hidden_states, lm_head_weight
+from fastebm.model.prefix import shared_prefix_hidden_states
 from fastebm.model.loading import LoadedModel, load_model, resolve_model_path
 from fastebm.model.rollout import RolloutResult, rollout
 from fastebm.rewards import RewardContext, RewardError, RewardInputs, build_rewards, call_reward
@@ -246,7 +248,8 @@ class Trainer:
         temp = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
 
         t1 = time.perf_counter()
-        roll = rollout(self.policy.model, self.policy.tokenizer, batch.prompts, cfg.rollout)
+        sample = shared_prefix_rollout if cfg.rollout.shared_prefix else rollout
+        roll = sample(self.policy.model, self.policy.tokenizer, batch.prompts, cfg.rollout)
         t2 = time.perf_counter()
 
         rewards = self.compute_rewards(batch, roll)
@@ -255,7 +258,9 @@ class Trainer:
                                      cfg.rewards.scale).to(self.device)
         old_logps = ref_logps = None
         prefix_tokens = roll.prefill_tokens
-        if cfg.grpo.mu > 1:
+        if cfg.grpo.mu > 1 and roll.logprobs is not None:
+            old_logps = self._pad(roll.logprobs)  # computed on the rollout's own prefix cache
+        elif cfg.grpo.mu > 1:
             old_logps, n = self.score(self.policy.model, batch, roll, temp)
             prefix_tokens += n
         if cfg.grpo.beta != 0:
@@ -335,6 +340,17 @@ class Trainer:
                 raise TrainingError(f"step {self.step + 1}: {e}") from e
         return out
 
+    def hidden_states(self, model, prompts, completions, prompt_index):
+        """Completion hidden states: one packed row per prompt (shared prefix) or one sequence per sample."""
+        fn = shared_prefix_hidden_states if self.cfg.rollout.shared_prefix else completion_hidden_states
+        return fn(model, prompts, completions, prompt_index)
+
+    def _pad(self, rows: list[list[float]]) -> torch.Tensor:
+        out = torch.zeros((len(rows), max(1, max(len(r) for r in rows))), dtype=torch.float32)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
+        return out.to(self.device)
+
     def _micro_batches(self, n: int) -> list[list[int]]:
         mb = self.cfg.train.micro_batch_size
         return [list(range(s, min(n, s + mb))) for s in range(0, n, mb)]
@@ -346,7 +362,7 @@ class Trainer:
         out = torch.zeros((N, Tmax), dtype=torch.float32, device=self.device)
         prefix = 0
         for idx in self._micro_batches(N):
-            cb = completion_hidden_states(model, batch.prompts, [roll.completion_ids[i] for i in idx],
+            cb = self.hidden_states(model, batch.prompts, [roll.completion_ids[i] for i in idx],
                                           [roll.prompt_index[i] for i in idx])
             lp = scoring_logprobs(cb.hidden, lm_head_weight(model), cb.ids, temperature, kernel=self.cfg.grpo.kernel)
             out[idx, :lp.shape[1]] = lp * cb.mask
@@ -365,7 +381,7 @@ class Trainer:
         for _ in range(g.mu):
             step_loss, kl_sum, clip_sum = 0.0, 0.0, 0.0
             for idx in self._micro_batches(N):
-                cb = completion_hidden_states(model, batch.prompts, [comps[i] for i in idx],
+                cb = self.hidden_states(model, batch.prompts, [comps[i] for i in idx],
                                               [roll.prompt_index[i] for i in idx])
                 prefix += cb.num_prompt_tokens
                 Tc = cb.ids.shape[1]
