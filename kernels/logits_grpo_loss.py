@@ -118,7 +118,7 @@ def logits_logprob_bwd_triton(logits, ids, lse, grad_logp, temperature=1.0):
 
 
 # PyTorch path: rows per chunk, so temporaries are (CHUNK_ROWS, V) whatever B * T is.
-CHUNK_ROWS = 256
+CHUNK_ROWS = 32
 
 
 def logits_logprob_fwd_torch(logits, ids, temperature=1.0):
