@@ -1,0 +1,158 @@
+"""Repeated prefix against shared prefix: rollout, scoring forward, training forward (fwd+bwd).
+
+    python -m pytest bench/test_bench_prefix.py --benchmark-group-by=param:phase,param:ratio,param:G
+
+Prefix/suffix ratios 1, 4 and 16 and G = 4, 8, 16 with a suffix of S tokens. On the CPU: a small
+random Qwen2-VL (hidden 256, 4 layers; S = 16). On a GPU: a model of Qwen2-VL-2B's shape (hidden
+1536, 28 layers, 12 heads, 2 KV heads; S = 128). Both are built from a config with random weights.
+Rollout lengths are fixed (EOS is never a stop here) so both paths decode the same number of tokens.
+"""
+import os
+
+import pytest
+import torch
+
+from fastebm.config import RolloutConfig, VideoConfig
+from fastebm.grpo.loss import scoring_logprobs, token_logprobs
+from fastebm.model import decode as decode_mod
+from fastebm.model import rollout as rollout_mod
+from fastebm.model.forward import Prompt, completion_hidden_states, lm_head_weight
+from fastebm.model.prefix import shared_prefix_hidden_states
+
+GPU = torch.cuda.is_available()
+DEV = torch.device("cuda" if GPU else "cpu")
+S = 128 if GPU else 16
+RATIOS = [1, 4, 16]
+GROUPS = [4, 8, 16]
+
+
+@pytest.fixture(scope="module")
+def model_and_video(tmp_path_factory):
+    from transformers import AutoModelForImageTextToText
+
+    from fastebm.data.synth import write_synthetic_clip
+    from fastebm.data.video import load_video_sample
+    from fastebm.model.loading import build_tiny_tokenizer, tiny_config
+
+    tok = build_tiny_tokenizer()
+    cfg = tiny_config("qwen2vl", tok)
+    t = cfg.text_config
+    if GPU:  # Qwen2-VL-2B's text shape
+        t.hidden_size, t.intermediate_size, t.num_hidden_layers = 1536, 8960, 28
+        t.num_attention_heads, t.num_key_value_heads = 12, 2
+        t.rope_parameters["mrope_section"] = [16, 24, 24]
+        cfg.vision_config.hidden_size = 1536
+    else:
+        t.hidden_size, t.intermediate_size, t.num_hidden_layers = 256, 768, 4
+        t.num_attention_heads, t.num_key_value_heads = 8, 2
+        t.rope_parameters["mrope_section"] = [4, 6, 6]
+        cfg.vision_config.hidden_size = 256
+    t.layer_types = ["full_attention"] * t.num_hidden_layers
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16 if GPU else torch.float32,
+                                                    attn_implementation="sdpa").to(DEV).eval()
+    clip = str(tmp_path_factory.mktemp("v") / "c.webm")
+    write_synthetic_clip(clip, codec="vp9", width=56, height=56, num_frames=8, fps=4)
+    video = load_video_sample(clip, VideoConfig(min_frames=4, max_frames=4, min_pixels=3136, max_pixels=3136))
+    return model, tok, video
+
+
+def make_prompt(model, tok, video, P: int) -> Prompt:
+    c = model.config
+    nv = video.num_video_tokens
+    assert P >= nv + 2, (P, nv)
+    filler = [int(x) for x in torch.randint(100, 400, (P - nv - 2,), generator=torch.Generator().manual_seed(P))]
+    return Prompt([c.vision_start_token_id] + [c.video_token_id] * nv + [c.vision_end_token_id] + filler, video)
+
+
+@pytest.fixture
+def no_eos(monkeypatch):
+    """Fixed-length rollouts: no token stops a sample."""
+    monkeypatch.setattr(rollout_mod, "eos_ids", lambda model, tok: [-1])
+    monkeypatch.setattr(decode_mod, "eos_ids", lambda model, tok: [-1])
+
+
+def _completions(G):
+    g = torch.Generator().manual_seed(G)
+    return [[int(x) for x in torch.randint(100, 400, (S,), generator=g)] for _ in range(G)]
+
+
+@pytest.mark.parametrize("G", GROUPS)
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("mode", ["repeated", "shared"])
+def test_rollout(benchmark, model_and_video, no_eos, mode, ratio, G):
+    model, tok, video = model_and_video
+    prompt = make_prompt(model, tok, video, ratio * S)
+    cfg = RolloutConfig(group_size=G, temperature=1.0, max_new_tokens=S)
+    fn = decode_mod.shared_prefix_rollout if mode == "shared" else rollout_mod.rollout
+    benchmark.extra_info.update(phase="rollout", mode=mode, ratio=ratio, G=G, P=len(prompt.ids), S=S,
+                                device=str(DEV))
+    r = benchmark.pedantic(fn, args=(model, tok, [prompt], cfg), rounds=2, iterations=1, warmup_rounds=1)
+    assert all(len(c) == S for c in r.completion_ids)
+
+
+@pytest.mark.parametrize("G", GROUPS)
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("mode", ["repeated", "shared"])
+def test_scoring(benchmark, model_and_video, mode, ratio, G):
+    model, tok, video = model_and_video
+    prompt = make_prompt(model, tok, video, ratio * S)
+    comps = _completions(G)
+    fn = shared_prefix_hidden_states if mode == "shared" else completion_hidden_states
+    W = lm_head_weight(model)
+
+    @torch.no_grad()
+    def score():
+        cb = fn(model, [prompt], comps, [0] * G)
+        return scoring_logprobs(cb.hidden, W, cb.ids)
+
+    benchmark.extra_info.update(phase="scoring", mode=mode, ratio=ratio, G=G, P=len(prompt.ids), S=S, device=str(DEV))
+    lp = benchmark.pedantic(score, rounds=3, iterations=1, warmup_rounds=1)
+    assert lp.shape == (G, S)
+
+
+@pytest.mark.parametrize("G", GROUPS)
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("mode", ["repeated", "shared"])
+def test_training_forward(benchmark, model_and_video, mode, ratio, G):
+    model, tok, video = model_and_video
+    prompt = make_prompt(model, tok, video, ratio * S)
+    comps = _completions(G)
+    fn = shared_prefix_hidden_states if mode == "shared" else completion_hidden_states
+    W = lm_head_weight(model)
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        cb = fn(model, [prompt], comps, [0] * G)
+        loss = (token_logprobs(cb.hidden, W, cb.ids) * cb.mask).sum()
+        loss.backward()
+        return float(loss)
+
+    benchmark.extra_info.update(phase="train_fwd_bwd", mode=mode, ratio=ratio, G=G, P=len(prompt.ids), S=S,
+                                device=str(DEV))
+    benchmark.pedantic(fwd_bwd, rounds=2, iterations=1, warmup_rounds=1)
+    model.zero_grad(set_to_none=True)
+
+
+def test_prefix_kv_memory_independent_of_G(model_and_video):
+    """The shared rollout keeps one copy of the prefix K/V whatever G is: the static buffers are
+    per-sample suffix only. Checked on the decoder's own tensors."""
+    model, tok, video = model_and_video
+    prompt = make_prompt(model, tok, video, 16 * S)
+    sizes = {}
+    orig = decode_mod._PrefixDecoder.__init__
+
+    def spy(self, m, prefix_kv, G, max_new):
+        orig(self, m, prefix_kv, G, max_new)
+        sizes[G] = (sum(k.numel() + v.numel() for k, v in prefix_kv),
+                    sum(k.numel() + v.numel() for k, v in zip(self.k, self.v)))
+
+    decode_mod._PrefixDecoder.__init__ = spy
+    try:
+        for G in GROUPS:
+            decode_mod.shared_prefix_rollout(model, tok, [prompt], RolloutConfig(group_size=G, max_new_tokens=4))
+    finally:
+        decode_mod._PrefixDecoder.__init__ = orig
+    prefix = {G: s[0] for G, s in sizes.items()}
+    assert len(set(prefix.values())) == 1, prefix
+    assert sizes[16][1] == 4 * sizes[4][1]  # suffix buffers scale with G, the prefix does not
