@@ -82,11 +82,36 @@ def test_overrides_parse_toml_values():
 
 
 def test_every_field_has_a_docstring():
-    for sec in dataclasses.fields(Config):
-        cls = sec.default_factory().__class__
+    sections = [(sec.name, sec.default_factory().__class__) for sec in dataclasses.fields(Config)]
+    seen = 0
+    while sections:  # nested sub-sections ([rewards.clip] ...) too
+        name, cls = sections.pop()
+        seen += 1
         docs = field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
-        assert not missing, f"[{sec.name}] fields without a docstring: {missing}"
+        assert not missing, f"[{name}] fields without a docstring: {missing}"
+        sections += [(f"{name}.{f.name}", f.default_factory().__class__) for f in dataclasses.fields(cls)
+                     if f.default_factory is not dataclasses.MISSING
+                     and dataclasses.is_dataclass(f.default_factory())]
+    assert seen > len(dataclasses.fields(Config))  # the nested sections were visited
+
+
+def test_nested_sections_load_and_print(tmp_path):
+    from fastebm.config import to_commented_toml
+
+    p = tmp_path / "r.toml"
+    p.write_text('[model]\ntiny = "qwen2vl"\n[rewards.clip]\nmode = "sentence_topk"\n')
+    cfg = load_config(str(p), ["rewards.pcg.tau=0.5"])
+    assert cfg.rewards.clip.mode == "sentence_topk" and cfg.rewards.pcg.tau == 0.5
+    text = to_commented_toml(cfg)
+    assert "[rewards.clip]" in text and "[rewards.pcg]" in text
+    q = tmp_path / "printed.toml"
+    q.write_text(text)
+    assert load_config(str(q)) == cfg
+    with pytest.raises(ConfigError, match="rewards.clip.mode"):
+        load_config(str(p), ["rewards.clip.mode=mean"])
+    with pytest.raises(ConfigError, match="rewards.clip.pretrained"):
+        load_config(str(p), ["rewards.enabled=['clip']"])
 
 
 def test_round_trip_through_written_toml(tmp_path):
