@@ -214,8 +214,9 @@ class GRPOConfig:
     """Importance ratio per token (GRPO) or per sequence (GSPO)."""
     mu: int = 1
     """Optimisation passes over each rollout batch (>1 needs old log-probs and makes the clip active)."""
-    kernel: Literal["reference", "fused"] = "reference"
-    """Loss implementation: plain-torch reference, or the fused Triton kernels (fastebm.kernels)."""
+    kernel: Literal["reference", "fused"] = "fused"
+    """Log-prob and loss implementation: ``fused`` (fastebm.kernels: Triton on CUDA, a chunked
+    memory-bounded PyTorch path on the CPU; full logits never exist) or the plain-torch reference."""
 
 
 @dataclass
