@@ -24,12 +24,14 @@ alone when nothing is kept. One embedder pass per step for all sentences and ans
 
 Cost: ONE batched teacher forward per prompt group (its G+1 sequences; the base sequence is shared
 by the group) — the reference runs G+1 sequential forwards and re-runs the processor each time.
-The shared-prefix forward will make it one packed pass over a single copy of the prefix.
+With ``rollout.shared_prefix`` it is one packed pass over a single copy of the prefix, and the
+trainer packs it together with the reference model's KL pass (see ``PCGReward``).
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -117,69 +119,115 @@ def safeguard_blocks(embedder: SentenceEmbedder, blocks: list[Optional[tuple[str
     return out, stats
 
 
+def answer_mean_logprob(model, cb, n: int, kernel: str = "reference") -> torch.Tensor:
+    """Mean log-prob (B,) of the last ``n`` tokens of every suffix of a CompletionBatch ``cb``."""
+    from fastebm.grpo.loss import scoring_logprobs
+    from fastebm.model.forward import lm_head_weight
+
+    dev = cb.hidden.device
+    lens = cb.mask.sum(1)                                                          # (B,)
+    idx = (lens[:, None] - n + torch.arange(n, device=dev)[None]).clamp(min=0)     # (B, n): the answer tokens
+    hidden = cb.hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, cb.hidden.shape[-1]))  # (B, n, H)
+    ids = cb.ids.gather(1, idx)
+    return scoring_logprobs(hidden, lm_head_weight(model), ids, 1.0, kernel=kernel).mean(dim=1)
+
+
 @torch.no_grad()
 def teacher_answer_loglik(teacher, prompt, contexts: list[list[int]], answer_ids: list[int],
-                          kernel: str = "reference") -> torch.Tensor:
+                          kernel: str = "reference", shared_prefix: bool = False) -> torch.Tensor:
     """Mean log-likelihood of ``answer_ids`` after ``prompt + contexts[j]`` for every j, in ONE forward.
 
     ``prompt``: a fastebm.model.forward.Prompt (ids with the video tokens, and its VideoSample).
     Returns (len(contexts),) float32; pass ``[]`` among ``contexts`` for the answer right after the prompt.
+    ``shared_prefix``: one packed row (the prompt and video once) instead of one sequence per context.
     """
-    from fastebm.grpo.loss import scoring_logprobs
-    from fastebm.model.forward import completion_hidden_states, lm_head_weight
+    from fastebm.model.forward import completion_hidden_states
+    from fastebm.model.prefix import shared_prefix_hidden_states
 
-    model = teacher.model
-    n = len(answer_ids)
     seqs = [list(c) + list(answer_ids) for c in contexts]
     pad = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0
-    cb = completion_hidden_states(model, [prompt], seqs, [0] * len(seqs), pad_id=pad)
-    dev = cb.hidden.device
-    idx = torch.stack([torch.arange(len(s) - n, len(s)) for s in seqs]).to(dev)  # (B, n): the answer tokens
-    hidden = cb.hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, cb.hidden.shape[-1]))  # (B, n, H)
-    ids = torch.tensor(answer_ids, device=dev).expand(len(seqs), n)
-    return scoring_logprobs(hidden, lm_head_weight(model), ids, 1.0, kernel=kernel).mean(dim=1)
+    forward = shared_prefix_hidden_states if shared_prefix else completion_hidden_states
+    cb = forward(teacher.model, [prompt], seqs, [0] * len(seqs), pad_id=pad)
+    return answer_mean_logprob(teacher.model, cb, len(answer_ids), kernel)
 
 
-@register("pcg")
-def make_pcg_reward(cfg, context):
-    teacher = context.reference
-    if teacher is None:
-        raise ValueError("the pcg reward needs the frozen reference model as teacher (context.reference)")
-    tags = tuple(context.tags)
-    pc = cfg.pcg
-    embedder = SentenceEmbedder(pc.embedder_path, context.device) if pc.safeguard else None
-    tok = teacher.tokenizer
-    c = teacher.model.config
-    # Text tokenized from a completion must never contain vision placeholders (the forward would take
-    # them for a second video): drop them from the context ids.
-    banned = {i for i in (c.video_token_id, getattr(c, "image_token_id", None), getattr(c, "vision_start_token_id", None),
-                          getattr(c, "vision_end_token_id", None)) if i is not None}
+@dataclass
+class PCGGroup:
+    """One prompt group's teacher work: the contexts of the members that have blocks, and the answer."""
+    prompt: int                   # prompt index in the batch
+    members: list[int]            # completion indices (those with a <vision>/<think> context)
+    contexts: list[list[int]]     # context token ids, one per member
+    answer_ids: list[int]
 
-    def fn(completions, inputs):
-        from fastebm.model.forward import Prompt
+    def suffixes(self) -> list[list[int]]:
+        """The teacher's suffixes after the prompt: each context + answer, then the answer alone (the base)."""
+        return [c + self.answer_ids for c in self.contexts] + [list(self.answer_ids)]
 
+
+class PCGReward:
+    """``plan`` (what the teacher must score) -> one teacher pass per group -> ``finish``.
+
+    The trainer may run the teacher passes itself, packed with the reference model's KL pass on the
+    same shared prefix (``Trainer.score_reference``); called directly, the reward runs them alone.
+    """
+
+    def __init__(self, cfg, context):
+        self.teacher = context.reference
+        if self.teacher is None:
+            raise ValueError("the pcg reward needs the frozen reference model as teacher (context.reference)")
+        self.tags = tuple(context.tags)
+        self.pc = cfg.pcg
+        self.kernel = context.kernel
+        self.shared_prefix = context.shared_prefix
+        self.embedder = SentenceEmbedder(self.pc.embedder_path, context.device) if self.pc.safeguard else None
+        self.stats: dict = {}
+        c = self.teacher.model.config
+        # Text tokenized from a completion must never contain vision placeholders (the forward would take
+        # them for a second video): drop them from the context ids.
+        self.banned = {i for i in (c.video_token_id, getattr(c, "image_token_id", None),
+                                   getattr(c, "vision_start_token_id", None), getattr(c, "vision_end_token_id", None))
+                       if i is not None}
+
+    def plan(self, completions, inputs) -> list[PCGGroup]:
+        tok = self.teacher.tokenizer
         G = inputs.group_size
-        out = [0.0] * len(completions)
         answers = [inputs.record_of(i).reference_answer.strip() for i in range(len(completions))]
-        blocks = [vision_think_blocks(t, tags) for t in completions]
-        if embedder is not None:
-            ctx, stats = safeguard_blocks(embedder, blocks, answers, pc.tau, tags[1])
-            fn.stats = stats
+        blocks = [vision_think_blocks(t, self.tags) for t in completions]
+        if self.embedder is not None:
+            ctx, self.stats = safeguard_blocks(self.embedder, blocks, answers, self.pc.tau, self.tags[1])
         else:
             ctx = [None if b is None else f"{b[0]}\n{b[1]}" for b in blocks]
+        groups = []
         for p in range(len(inputs.records)):
             members = [i for i in range(p * G, (p + 1) * G) if ctx[i]]
             answer = answers[p * G]
             answer_ids = tok(answer, add_special_tokens=False)["input_ids"] if answer else []
             if not members or not answer_ids:
                 continue
-            contexts = [[t for t in tok(ctx[i] + "\n", add_special_tokens=False)["input_ids"] if t not in banned]
+            contexts = [[t for t in tok(ctx[i] + "\n", add_special_tokens=False)["input_ids"] if t not in self.banned]
                         for i in members]
-            ll = teacher_answer_loglik(teacher, Prompt(inputs.prompt_ids[p], inputs.videos[p]), contexts + [[]],
-                                       answer_ids, context.kernel)  # one teacher pass per prompt group
-            for j, i in enumerate(members):
+            groups.append(PCGGroup(p, members, contexts, answer_ids))
+        return groups
+
+    @staticmethod
+    def finish(n: int, groups: list[PCGGroup], logliks: list[torch.Tensor]) -> list[float]:
+        """Rewards from each group's mean answer log-likelihoods (members..., base)."""
+        out = [0.0] * n
+        for g, ll in zip(groups, logliks):
+            for j, i in enumerate(g.members):
                 out[i] = float(ll[j] - ll[-1])
         return out
 
-    fn.embedder, fn.stats = embedder, {}
-    return fn
+    def __call__(self, completions, inputs):
+        from fastebm.model.forward import Prompt
+
+        groups = self.plan(completions, inputs)
+        ll = [teacher_answer_loglik(self.teacher, Prompt(inputs.prompt_ids[g.prompt], inputs.videos[g.prompt]),
+                                    g.contexts + [[]], g.answer_ids, self.kernel, self.shared_prefix)
+              for g in groups]  # one teacher pass per prompt group
+        return self.finish(len(completions), groups, ll)
+
+
+@register("pcg")
+def make_pcg_reward(cfg, context):
+    return PCGReward(cfg, context)

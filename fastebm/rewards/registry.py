@@ -33,6 +33,7 @@ class RewardContext:
     tiny_cache_dir: str = "~/.cache/fastebm/models"   # where tiny reward models are built (model.tiny_cache_dir)
     video_cache_dir: str = ""    # video.cache_dir: CLIP frame embeddings are cached beside the clips
     kernel: str = "reference"    # grpo.kernel: log-prob kernel of the PCG teacher pass
+    shared_prefix: bool = False  # rollout.shared_prefix: teacher passes as one packed row per prompt
 
 
 @dataclass

@@ -89,3 +89,14 @@ def test_training_forward_loss_and_gradients_agree(setup):
     assert ga.keys() == gb.keys() and any("visual" in n for n in ga)  # gradients reach the vision tower
     for n in ga:
         torch.testing.assert_close(gb[n], ga[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_pcg_teacher_pass_packed_equals_repeated(setup):
+    from fastebm.rewards.pcg import teacher_answer_loglik
+
+    lm, prompts = setup
+    contexts = [[60, 61, 62], [70, 71, 72, 73, 74, 75], []]  # two samples' blocks, then the base
+    answer = [80, 81, 82, 83]
+    a = teacher_answer_loglik(lm, prompts[0], contexts, answer, shared_prefix=False)
+    b = teacher_answer_loglik(lm, prompts[0], contexts, answer, shared_prefix=True)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
