@@ -8,8 +8,13 @@ from typing import Optional
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str, tensorboard: bool = False, resume_step: Optional[int] = None):
+    def __init__(self, run_dir: str, tensorboard: bool = False, resume_step: Optional[int] = None,
+                 enabled: bool = True):
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.enabled = enabled  # False on ranks other than 0: the metrics are reduced, rank 0 writes them
+        self.tb = None
+        if not enabled:
+            return
         if resume_step is not None and os.path.isfile(self.path):
             # A resumed run rewrites the steps after its checkpoint: drop them so each step appears once.
             with open(self.path) as f:
@@ -28,6 +33,8 @@ class MetricsWriter:
             self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
 
     def write(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")

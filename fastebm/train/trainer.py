@@ -46,9 +46,11 @@ from fastebm.model.prefix import shared_prefix_hidden_states
 from fastebm.model.loading import LoadedModel, load_model, resolve_model_path
 from fastebm.model.rollout import RolloutResult, rollout
 from fastebm.rewards import RewardContext, RewardError, RewardInputs, build_rewards, call_reward
-from fastebm.train.checkpoint import (fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint,
-                                      set_rng_state)
+from fastebm.train.checkpoint import (fingerprint, hf_weights_dir, latest_checkpoint, load_checkpoint,
+                                      load_full_optimizer_state, load_sharded_weights, save_checkpoint,
+                                      save_sharded_checkpoint, set_rng_state)
 from fastebm.train.metrics import MetricsWriter
+from fastebm.train.parallel import clip_grad_norm, gathered_params, init_distributed, parallelize, seeded_rollout
 
 log = logging.getLogger("fastebm")
 
@@ -61,6 +63,13 @@ class TrainingError(RuntimeError):
 class Batch:
     records: list[Record]
     prompts: list[Prompt]
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes and Python versions."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
 
 
 def seed_everything(seed: int) -> None:
@@ -122,9 +131,15 @@ class Trainer:
         self.run_dir = os.path.expanduser(cfg.run.output_dir)
         os.makedirs(self.run_dir, exist_ok=True)
         self.device = pick_device(cfg.run.device)
+        # One process, or one rank of a torchrun job: rank, world size, collectives (parallel.py).
+        self.dist = init_distributed(cfg.parallel, self.device, cfg.train.prompts_per_step)
+        self.device = self.dist.local_device(self.device)
         seed_everything(cfg.run.seed)
-        prepare_data(cfg)
-        write_config(cfg, self.run_dir)
+        with self.dist.main_first():  # rank 0 writes the sample data / tiny model, the others read them
+            prepare_data(cfg)
+            model_path = resolve_model_path(cfg.model)
+        if self.dist.is_main:
+            write_config(cfg, self.run_dir)
 
         self.skipped_path = os.path.join(self.run_dir, "skipped.jsonl")
         self.samples_skipped = 0
@@ -132,22 +147,24 @@ class Trainer:
         self.profiles = Profiles.load(cfg.data.profiles)
         self.sampler = RecordSampler(len(self.records), cfg.run.seed)
 
-        model_path = resolve_model_path(cfg.model)
         resume_from = self._resume_path()
-        self.policy = load_model(resume_from or model_path, self.device, cfg.model.dtype,
+        # A dcp checkpoint has no from_pretrained weights: start from the model, load the shards in _restore.
+        self.policy = load_model(hf_weights_dir(resume_from) or model_path, self.device, cfg.model.dtype,
                                  cfg.model.attn_implementation, trainable=True)
-        if cfg.model.gradient_checkpointing:
-            self.policy.model.gradient_checkpointing_enable()
+        parallelize(self.policy.model, cfg.parallel, self.dist, activation_checkpointing=cfg.model.gradient_checkpointing)
         self.reference = None
         if cfg.grpo.beta != 0 or "pcg" in cfg.rewards.enabled:
             # Always the *initial* weights (or reference_path), also when resuming.
             self.reference = load_model(os.path.expanduser(cfg.model.reference_path) or model_path,
                                         self.device, cfg.model.dtype, cfg.model.attn_implementation,
                                         trainable=False)
-        self.rewards = build_rewards(cfg.rewards.enabled, cfg.rewards,
-                                     RewardContext(tags=tuple(cfg.data.tags), device=self.device,
-                                                   reference=self.reference, tiny_cache_dir=cfg.model.tiny_cache_dir,
-                                                   video_cache_dir=cfg.video.cache_dir, kernel=cfg.grpo.kernel))
+            parallelize(self.reference.model, cfg.parallel, self.dist)  # sharded too, eval mode, no grads
+        # Reward models live on every rank, scoring that rank's completions (rank 0 builds caches first).
+        with self.dist.main_first():
+            self.rewards = build_rewards(cfg.rewards.enabled, cfg.rewards,
+                                         RewardContext(tags=tuple(cfg.data.tags), device=self.device,
+                                                       reference=self.reference, tiny_cache_dir=cfg.model.tiny_cache_dir,
+                                                       video_cache_dir=cfg.video.cache_dir, kernel=cfg.grpo.kernel))
 
         params = [p for p in self.policy.model.parameters() if p.requires_grad]
         t = cfg.train
@@ -159,8 +176,8 @@ class Trainer:
         self.step = 0
         if resume_from:
             self._restore(resume_from)
-        self.metrics = MetricsWriter(self.run_dir, cfg.log.tensorboard,
-                                     resume_step=self.step if resume_from else None)
+        self.metrics = MetricsWriter(self.run_dir, cfg.log.tensorboard,  # rank 0 writes metrics.jsonl
+                                     resume_step=self.step if resume_from else None, enabled=self.dist.is_main)
         self._stop_requested = False
         self._video_sample_kwargs = self._vision_geometry()
 
@@ -193,11 +210,19 @@ class Trainer:
 
     def _restore(self, path: str) -> None:
         state = load_checkpoint(path, self.fingerprint)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state["format"] == "dcp":  # sharded weights + optimizer, resharded to this world size
+            load_sharded_weights(path, self.policy.model, self.optimizer)
+            rank_rng = os.path.join(path, "rng", f"{self.dist.rank}.pt")
+            if state["world_size"] == self.dist.world_size and os.path.isfile(rank_rng):
+                state["rng"] = torch.load(rank_rng, weights_only=False)
+        elif self.dist.enabled:  # a 1-process checkpoint on many ranks: shard its optimizer state
+            load_full_optimizer_state(self.policy.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state(state["sampler"])
         self.samples_skipped = state.get("samples_skipped", self.samples_skipped)
-        self.profiles.missing = dict(state.get("profiles_missing", {}))
+        self.profiles.missing = dict(state.get("profiles_missing", {})) if self.dist.is_main else {}  # merged at save
         set_rng_state(state["rng"])
         self.step = state["step"]
         log.info("resumed from %s at step %d", path, self.step)
@@ -224,7 +249,8 @@ class Trainer:
                 every = cfg.train.checkpoint_every
                 if every and self.step % every == 0 and self.step < cfg.train.steps:
                     self.save()
-                if self._stop_requested:
+                if self.dist.any(self._stop_requested):  # every rank stops after the same step
+                    self._stop_requested = True
                     log.warning("interrupted: saving a checkpoint at step %d and stopping", self.step)
                     self.save()
                     raise KeyboardInterrupt
@@ -249,7 +275,9 @@ class Trainer:
 
         t1 = time.perf_counter()
         sample = shared_prefix_rollout if cfg.rollout.shared_prefix else rollout
-        roll = sample(self.policy.model, self.policy.tokenizer, batch.prompts, cfg.rollout)
+        with gathered_params(self.policy.model, self.dist):  # full weights once per step, not per token
+            roll = seeded_rollout(sample, self.policy.model, self.policy.tokenizer, batch.prompts, cfg.rollout,
+                                  self._rollout_seeds(len(batch.prompts)))
         t2 = time.perf_counter()
 
         rewards = self.compute_rewards(batch, roll)
@@ -274,8 +302,10 @@ class Trainer:
 
         self.step += 1
         G = cfg.rollout.group_size
+        # Every rank's groups in rank order (= the 1-process batch); rank 0 writes them (no-op on 1 process).
+        rewards, advantages, roll_view, prefix_tokens = self.dist.gather_step(rewards, advantages, roll, prefix_tokens)
         total = sum(cfg.rewards.weights[n] * torch.tensor(v, dtype=torch.float64) for n, v in rewards.items())
-        lengths = [len(c) for c in roll.completion_ids]
+        lengths = [len(c) for c in roll_view.completion_ids]
         m = {"step": self.step, **stats, "reward/total": float(total.mean())}
         for n, v in rewards.items():
             rv = torch.tensor(v, dtype=torch.float64)
@@ -287,16 +317,16 @@ class Trainer:
             "tokens/prefix": prefix_tokens,
             "tokens/completion": sum(lengths),
             "completion/mean_len": sum(lengths) / len(lengths),
-            "completion/truncated_frac": sum(roll.truncated) / len(roll.truncated),
+            "completion/truncated_frac": sum(roll_view.truncated) / len(roll_view.truncated),
             "lr": self.scheduler.get_last_lr()[0],
             "time/rollout_s": t2 - t1, "time/score_s": t3 - t2, "time/update_s": t4 - t3,
             "time/step_s": t4 - t0,
             "samples_skipped": self.samples_skipped,
-            "profiles_missing": sum(self.profiles.missing.values()),
+            "profiles_missing": int(self.dist.all_reduce_sum(sum(self.profiles.missing.values()))),
         })
         self.metrics.write(m)
-        if cfg.log.samples_every and self.step % cfg.log.samples_every == 0:
-            self._write_samples(batch, roll, rewards)
+        if cfg.log.samples_every and self.step % cfg.log.samples_every == 0 and self.dist.is_main:
+            self._write_samples(batch, roll, {n: v[:len(roll.texts)] for n, v in rewards.items()})  # rank 0's
         return m
 
     # ------------------------------------------------------------------------------------------
@@ -304,28 +334,51 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def next_batch(self) -> Batch:
-        """``prompts_per_step`` prompts, each with its clip decoded once; bad videos are skipped."""
+        """This rank's ``prompts_per_step / world_size`` prompts (whole groups), each clip decoded once.
+
+        Every rank holds the same seeded RecordSampler and draws the same candidates; rank r takes
+        its slice. A bad video is skipped and replaced: the ranks exchange their skips (one object
+        all-gather per round), every rank draws the replacements of all ranks in rank order, so the
+        sampler stays identical everywhere (resume continues mid-epoch on every rank) and the global
+        batch is the 1-process batch. Rank 0 writes every rank's skips to skipped.jsonl.
+        """
         from fastebm.data.video import VideoError, load_video_sample
 
+        d = self.dist
         records, prompts, failures = [], [], 0
-        while len(prompts) < self.cfg.train.prompts_per_step:
-            rec = self.records[self.sampler.next()]
-            path = resolve_video(rec, self.cfg.data.video_root)
-            try:
-                video = load_video_sample(path, self.cfg.video, **self._video_sample_kwargs)
-            except VideoError as e:
-                self._skip(file=path, record=rec.index, problem_id=rec.problem_id, reason=str(e))
-                failures += 1
-                if failures >= len(self.records):
-                    raise DataError(f"{self.cfg.data.train}: {failures} videos failed in a row; "
-                                    f"see {self.skipped_path}") from e
-                continue
-            messages = build_messages(rec, self.profiles.get(rec.data_source, rec.assistant), self.cfg.data.tags,
-                                      self.cfg.data.max_history_turns)
-            ids = encode_prompt(self.policy.tokenizer, messages, video.num_video_tokens)
-            records.append(rec)
-            prompts.append(Prompt(ids, video))
+        need = [self.cfg.train.prompts_per_step // d.world_size] * d.world_size
+        while sum(need):
+            candidates = [self.records[self.sampler.next()] for _ in range(sum(need))]
+            start = sum(need[:d.rank])
+            skips = []
+            for rec in candidates[start:start + need[d.rank]]:
+                path = resolve_video(rec, self.cfg.data.video_root)
+                try:
+                    video = load_video_sample(path, self.cfg.video, **self._video_sample_kwargs)
+                except VideoError as e:
+                    skips.append(dict(file=path, record=rec.index, problem_id=rec.problem_id, reason=str(e)))
+                    continue
+                messages = build_messages(rec, self.profiles.get(rec.data_source, rec.assistant), self.cfg.data.tags,
+                                          self.cfg.data.max_history_turns)
+                ids = encode_prompt(self.policy.tokenizer, messages, video.num_video_tokens)
+                records.append(rec)
+                prompts.append(Prompt(ids, video))
+            need = []
+            for rank_skips in d.all_gather_object(skips):
+                for entry in rank_skips:
+                    self._skip(**entry)
+                need.append(len(rank_skips))
+            failures += sum(need)
+            if failures >= len(self.records):
+                raise DataError(f"{self.cfg.data.train}: {failures} videos failed in one batch; "
+                                f"see {self.skipped_path}")
         return Batch(records, prompts)
+
+    def _rollout_seeds(self, n: int) -> list[int]:
+        """Sampling seed of each of this rank's prompts, from (run.seed, step, global prompt index):
+        the samples of a prompt do not depend on how the batch is laid out over ranks."""
+        first = self.dist.rank * n
+        return [hash_seed(self.cfg.run.seed, self.step, first + i) for i in range(n)]
 
     def compute_rewards(self, batch: Batch, roll: RolloutResult) -> dict[str, list[float]]:
         inputs = RewardInputs(records=batch.records, group_size=self.cfg.rollout.group_size,
@@ -375,12 +428,12 @@ class Trainer:
         cfg, g = self.cfg, self.cfg.grpo
         model = self.policy.model
         comps = roll.completion_ids
-        N = len(comps)
-        total_tokens = sum(len(c) for c in comps)
+        # Normalisers are GLOBAL (all ranks' sequences / completion tokens); FSDP sums the gradients.
+        N, total_tokens = (int(x) for x in self.dist.all_reduce_sum(len(comps), sum(len(c) for c in comps)))
         losses, kls, clips, gnorms, prefix = [], [], [], [], 0
         for _ in range(g.mu):
             step_loss, kl_sum, clip_sum = 0.0, 0.0, 0.0
-            for idx in self._micro_batches(N):
+            for idx in self._micro_batches(len(comps)):
                 cb = self.hidden_states(model, batch.prompts, [comps[i] for i in idx],
                                               [roll.prompt_index[i] for i in idx])
                 prefix += cb.num_prompt_tokens
@@ -404,11 +457,8 @@ class Trainer:
                 step_loss += float(loss.detach())
                 kl_sum += float(out.kl) * mb_tokens
                 clip_sum += float(out.clip_ratio) * mb_tokens
-            if cfg.train.max_grad_norm > 0:
-                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-            else:
-                gn = torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+            step_loss, kl_sum, clip_sum = self.dist.all_reduce_sum(step_loss, kl_sum, clip_sum)
+            gn = clip_grad_norm(list(model.parameters()), cfg.train.max_grad_norm)  # global norm (sharded grads)
             if not torch.isfinite(gn):
                 raise TrainingError(f"non-finite gradient norm at step {self.step + 1}; stopping without saving. "
                                     f"The last good checkpoint is {latest_checkpoint(self.run_dir) or '(none yet)'}")
@@ -427,16 +477,33 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def save(self) -> str:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        """A checkpoint of this step: ``hf`` format on one process, sharded ``dcp`` on many (collective)."""
+        state = {"scheduler": self.scheduler.state_dict(),
                  "sampler": self.sampler.state(), "samples_skipped": self.samples_skipped,
-                 "profiles_missing": dict(self.profiles.missing)}
-        path = save_checkpoint(self.run_dir, self.step, self.policy.model, self.policy.tokenizer, state,
-                               self.fingerprint, keep=self.cfg.train.keep_checkpoints)
+                 "profiles_missing": self._merged_profiles_missing()}
+        if self.dist.enabled:
+            path = save_sharded_checkpoint(self.run_dir, self.step, self.policy.model, self.optimizer,
+                                           self.policy.tokenizer, state, self.fingerprint, self.dist,
+                                           keep=self.cfg.train.keep_checkpoints)
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
+            path = save_checkpoint(self.run_dir, self.step, self.policy.model, self.policy.tokenizer, state,
+                                   self.fingerprint, keep=self.cfg.train.keep_checkpoints)
         log.info("checkpoint: %s", path)
         return path
 
+    def _merged_profiles_missing(self) -> dict:
+        merged: dict = {}
+        for part in self.dist.all_gather_object(dict(self.profiles.missing)):
+            for k, v in part.items():
+                merged[k] = merged.get(k, 0) + v
+        return merged
+
     def _skip(self, **entry) -> None:
+        """Count a skipped sample; rank 0 records it (callers pass every rank's skips to every rank)."""
         self.samples_skipped += 1
+        if not self.dist.is_main:
+            return
         entry = {"step": getattr(self, "step", 0) + 1, **entry}
         log.warning("skipped sample: %s", entry.get("reason"))
         with open(self.skipped_path, "a") as f:

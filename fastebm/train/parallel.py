@@ -1,0 +1,354 @@
+"""Parallelism: the process group, FSDP2 sharding, and the few collectives the trainer needs.
+
+    fastebm train RECIPE --nproc-per-node 2              # one node, 2 processes (torch.distributed.run)
+    torchrun --nproc-per-node 8 -m fastebm.cli train RECIPE   # the same, launched by hand
+
+Everything distributed is PyTorch's own: ``torch.distributed.run`` starts the processes,
+``fully_shard`` (FSDP2) shards the models, Distributed Checkpoint saves them
+(``fastebm.train.checkpoint``). Nothing here talks to another process except through
+``torch.distributed`` collectives.
+
+``parallelize`` applies everything to a model in one place, in a fixed order (see its body). The
+trainer sees a ``Dist`` object: ``rank``, ``world_size``, ``is_main`` and sum / gather helpers that
+are identities on one process, so the single-process path runs the same code.
+
+Rollout under FSDP (``gathered_params``): the policy's parameters are all-gathered ONCE per step
+before sampling and kept unsharded until the rollout ends, so decoding runs no collective per
+token (and ranks may finish their samples at different times without waiting for one another).
+This holds a full copy of the policy during the rollout (bf16 7B: 15.2 GiB), freed right after;
+see docs/distributed.md for the memory plan.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("fastebm")
+
+
+# ----------------------------------------------------------------------------------------------
+# The process group
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    """This process's place in the job; every helper is an identity when ``world_size == 1``."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    mesh: Any = None  # torch DeviceMesh over the data-parallel ranks (None on one process)
+    fsdp_modules: dict = field(default_factory=dict)  # id(model) -> its FSDP modules (parallelize)
+    reshard_after_forward: bool = True                # parallel.reshard_after_forward of the blocks
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_sum(self, *values: float) -> list[float] | float:
+        """Sum numbers over ranks, in float64 (one collective for all of them)."""
+        if not self.enabled:
+            return values[0] if len(values) == 1 else list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        out = t.tolist()
+        return out[0] if len(out) == 1 else out
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on one."""
+        if not self.enabled:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order (small Python objects: metrics, skip entries)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj, src: int = 0):
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def reshard(self, model) -> None:
+        """Free every gathered unit of ``model`` (parameters back to their shards)."""
+        for m in self.fsdp_modules.get(id(model), []):
+            m.reshard()
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (writes caches: sample data, tiny model), then the others."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    def local_device(self, device: torch.device) -> torch.device:
+        """This rank's GPU (cuda:LOCAL_RANK) when ``device`` is CUDA."""
+        if device.type == "cuda" and self.enabled:
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def gather_step(self, rewards: dict, advantages: torch.Tensor, roll, prefix_tokens: int):
+        """Every rank's rewards, advantages, completion lengths and prefix tokens, in rank order.
+
+        Ranks hold whole groups, so concatenating in rank order is the 1-process batch and the
+        metrics rank 0 computes from it are the 1-process metrics. One object all-gather per step
+        (N floats per reward): cheap next to a rollout.
+        """
+        if not self.enabled:
+            return rewards, advantages, roll, prefix_tokens
+        mine = {"rewards": rewards, "adv": advantages.detach().float().cpu().tolist(),
+                "lengths": [len(c) for c in roll.completion_ids], "truncated": list(roll.truncated),
+                "prefix": prefix_tokens}
+        parts = self.all_gather_object(mine)
+        rewards = {n: [x for p in parts for x in p["rewards"][n]] for n in rewards}
+        adv = torch.tensor([x for p in parts for x in p["adv"]], dtype=torch.float32)
+        view = _RolloutView([[0] * n for p in parts for n in p["lengths"]],
+                            [t for p in parts for t in p["truncated"]])
+        return rewards, adv, view, sum(p["prefix"] for p in parts)
+
+
+@dataclass
+class _RolloutView:
+    """What the step metrics read of a gathered rollout: completion lengths and truncation."""
+    completion_ids: list
+    truncated: list
+
+
+def _comm_device() -> torch.device:
+    """Where small collective tensors live: the current GPU under NCCL, else the CPU (gloo)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def launched_distributed() -> bool:
+    """Running under torch.distributed.run (torchrun) with more than one process?"""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(pcfg, device: torch.device, prompts_per_step: Optional[int] = None) -> Dist:
+    """Join the process group torchrun set up (env:// rendezvous), or return the 1-process ``Dist``.
+
+    The timeout bounds every collective: a rank that hangs (rather than dies) ends the job with a
+    timeout error on the others after ``parallel.timeout_s`` instead of blocking forever. A rank that
+    dies is handled by torchrun, which stops the other workers (SIGTERM; see ``_on_sigterm``).
+    """
+    from fastebm.config import check_parallel
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_parallel(pcfg, world, prompts_per_step)
+    if world == 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        backend = "cpu:gloo,cuda:nccl"  # NCCL for tensors, gloo for DCP's and our object collectives
+    else:
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=pcfg.timeout_s))
+    replicate, shard = parallel_degrees(pcfg, world)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if replicate > 1:  # HSDP: shard within a group of `shard` ranks, replicate across groups
+        mesh = init_device_mesh(device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+    else:
+        mesh = init_device_mesh(device.type, (shard,), mesh_dim_names=("dp_shard",))
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    d = Dist(rank=rank, world_size=world, local_rank=local_rank, mesh=mesh,
+             reshard_after_forward=pcfg.reshard_after_forward)
+    log.info("rank %d of %d (local %d), backend %s, mesh %s", rank, world, local_rank, backend, mesh)
+    return d
+
+
+def _on_sigterm(signum, frame):
+    # torchrun sends SIGTERM to the surviving workers when one of them fails: say so, then exit.
+    rank = os.environ.get("RANK", "?")
+    print(f"fastebm: rank {rank}: stopped by the launcher (SIGTERM): another rank failed or the job was "
+          f"cancelled; the launcher's error summary names the failed rank. The newest complete checkpoint "
+          f"under run.output_dir/checkpoints/ is intact (resume with train.resume=true).",
+          file=sys.stderr, flush=True)
+    os._exit(143)
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Did a collective fail because another rank went away or hung (not a bug on this rank)?"""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return any(w in text for w in ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out",
+                                   "Timed out", "Broken pipe"))
+
+
+def destroy_distributed(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parallel_degrees(pcfg, world_size: int) -> tuple[int, int]:
+    """(dp_replicate, dp_shard) with ``dp_shard = -1`` resolved to fill the world size."""
+    shard = pcfg.dp_shard if pcfg.dp_shard != -1 else world_size // max(1, pcfg.dp_replicate)
+    return pcfg.dp_replicate, shard
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP2
+# ----------------------------------------------------------------------------------------------
+
+
+def _dtype(name: str, default: torch.dtype) -> torch.dtype:
+    return {"auto": default, "float32": torch.float32, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}[name]
+
+
+def parallelize(model: torch.nn.Module, pcfg, d: Dist, *, activation_checkpointing: bool = False) -> None:
+    """Apply activation checkpointing and FSDP2 to a Qwen2-VL / Qwen2.5-VL model, in place.
+
+    The order is fixed (torchtitan's): each step wraps what the next one shards.
+    On one process only step 1 applies (the model stays a plain module).
+    """
+    # 1. Activation checkpointing, per decoder layer and vision block (transformers' own wrapper,
+    #    non-reentrant so it composes with FSDP2's hooks). Before sharding: FSDP's unshard then
+    #    happens inside the recomputation, as in torchtitan.
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not d.enabled:
+        return
+
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    # 2. Mixed precision: parameters are stored (and the optimizer steps) in the loaded dtype —
+    #    float32 master weights for the flagship — and all-gathered in param_dtype for compute;
+    #    gradients are reduce-scattered in reduce_dtype.
+    stored = next(model.parameters()).dtype
+    mp = MixedPrecisionPolicy(param_dtype=_dtype(pcfg.param_dtype, stored),
+                              reduce_dtype=_dtype(pcfg.reduce_dtype, stored))
+    offload = CPUOffloadPolicy() if pcfg.cpu_offload else OffloadPolicy()
+    kw = dict(mesh=d.mesh, mp_policy=mp, offload_policy=offload)
+
+    # 3. One FSDP unit per vision block and per decoder layer: each is all-gathered just before it
+    #    runs and freed after (reshard_after_forward), so at most ~2 blocks are ever unsharded.
+    inner = model.model
+    units = list(inner.visual.blocks) + list(inner.language_model.layers)
+    for block in units:
+        fully_shard(block, reshard_after_forward=pcfg.reshard_after_forward, **kw)
+
+    # 4. Root last: embeddings, final norm, the vision patch embedding and merger, and the lm_head
+    #    (tied or not) form the root unit; the root is not resharded after forward (backward needs
+    #    it at once), which is also what lets the loss read lm_head.weight outside lm_head.forward.
+    fully_shard(model, **kw)
+
+    # 5. The trainer's passes call model.model(...) directly (hidden states, no logits), which
+    #    skips the root's forward hook: unshard the root unit there too (a no-op when the root's
+    #    own forward already did, as in generate). Its gradients are reduce-scattered by FSDP's
+    #    end-of-backward callback, which completes every unit that the backward did not reach.
+    inner.register_forward_pre_hook(lambda mod, args: model.unshard())
+
+    # 6. Gradients are SUMMED over ranks, not averaged: the trainer divides the loss by the
+    #    GLOBAL number of sequences / completion tokens, so the sum is the global gradient.
+    #    Sum-type collectives only (gloo has no PREMUL_SUM); with a factor of 1 nothing is rescaled.
+    for m in [model] + units:
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)
+
+    # 7. Fix the root now with a one-token forward through it (every rank, collectively), so the
+    #    direct model.model(...) calls above find a lazily-initialised root and not elect a block.
+    with torch.no_grad():
+        tok = torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device)
+        model(input_ids=tok, attention_mask=torch.ones_like(tok), use_cache=False)
+    d.fsdp_modules[id(model)] = [model] + units
+    # The root stays gathered after a forward: shard it again, so that model.parameters() (the
+    # optimizer's and the state dict's view) are the sharded parameters.
+    d.reshard(model)
+
+
+@contextlib.contextmanager
+def gathered_params(model: torch.nn.Module, d: Dist):
+    """Keep ``model``'s full parameters on every rank for the duration (the rollout strategy).
+
+    One all-gather per unit on entry, none per token; on exit every unit is resharded and the
+    normal reshard-after-forward behaviour restored. Collective: every rank enters together.
+    """
+    mods = d.fsdp_modules.get(id(model))
+    if not mods:
+        yield
+        return
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+        for m in mods[1:]:  # the root keeps FSDP's own choice (no reshard after forward)
+            m.set_reshard_after_forward(d.reshard_after_forward, recurse=False)
+
+
+def seeded_rollout(sample_fn, model, tokenizer, prompts, cfg, seeds: list[int]):
+    """``sample_fn`` (a rollout function) one prompt at a time, each under its own RNG seed.
+
+    Sampling then depends on (run.seed, step, global prompt index) only, not on which rank holds the
+    prompt or what was sampled before it: 2 ranks sample exactly what 1 process samples. Both
+    rollout paths already loop over prompts one at a time, so this costs nothing; the caller's RNG
+    state is restored afterwards (fork_rng).
+    """
+    from fastebm.model.rollout import RolloutResult
+
+    device = next(model.parameters()).device
+    parts = []
+    for prompt, seed in zip(prompts, seeds):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            parts.append(sample_fn(model, tokenizer, [prompt], cfg))
+    out = {}
+    for f in dataclasses.fields(RolloutResult):
+        vals = [getattr(r, f.name) for r in parts]
+        if f.name == "prompt_index":
+            out[f.name] = [p_i for p_i, v in enumerate(vals) for _ in v]  # each part is prompt 0 of its own
+        elif all(v is None for v in vals):
+            out[f.name] = None
+        elif isinstance(vals[0], list):
+            out[f.name] = [x for v in vals for x in v]
+        else:
+            out[f.name] = sum(vals)
+    return RolloutResult(**out)
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """The global gradient norm over all ranks (clipped in place when ``max_norm > 0``)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if hasattr(norm, "full_tensor"):  # DTensor (sharded grads): reduce the partial norms
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
