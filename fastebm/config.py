@@ -109,10 +109,11 @@ class VideoConfig:
     clip_size: int = 224
     """Side of the CLIP-reward frames: shorter side resized to it (bicubic), then centre-cropped square (0: source size)."""
     num_workers: int = 2
-    """Prefetch workers decoding ahead of the model (0: decode in the training loop)."""
+    """Decoders working ahead: the trainer's decode threads (this batch's clips in parallel, the next
+    batch's while the step runs) and ``fastebm data precompute``'s workers (0: decode in the loop)."""
     worker_type: Literal["auto", "thread", "process"] = "auto"
-    """Prefetch workers: ``process`` (killable on timeout; PyAV on the CPU), ``thread`` (DALI on a GPU);
-    ``auto`` picks threads when DALI decodes on a GPU, else processes."""
+    """Workers of ``fastebm data precompute`` (VideoPrefetcher): ``process`` (killable on timeout; PyAV on
+    the CPU), ``thread`` (DALI on a GPU); ``auto`` picks threads when DALI decodes on a GPU, else processes."""
 
 
 @dataclass

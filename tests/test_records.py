@@ -107,4 +107,5 @@ def test_sampler_is_deterministic_and_resumable():
     [b.next() for _ in range(9)]
     c = RecordSampler(7, seed=3)
     c.load_state(b.state())
+    assert c.peek(11) == seq[9:20] and c.state() == b.state()  # peeking crosses the epoch, moves nothing
     assert [c.next() for _ in range(11)] == seq[9:]

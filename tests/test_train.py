@@ -208,3 +208,65 @@ def test_rl_sanity_format_reward_is_learned_and_unlearned(env, tmp_path):
     assert last > first + 1.0, (first, last)
     first_f, last_f = _format_curve(env, tmp_path / "down", flip=True)
     assert last_f < first_f, (first_f, last_f)
+
+
+def test_each_clip_is_decoded_once_per_use(env, tmp_path):
+    """Four rewards (CLIP reads frames too), reference and policy passes, decode-ahead threads: every
+    clip drawn is decoded exactly once per use, and the step after the last is not decoded at all."""
+    from fastebm.data.video import decode_stats, reset_decode_stats
+
+    t = Trainer(cfg_for(env, tmp_path / "run", "train.steps=3", "rollout.group_size=2", "video.num_workers=2"))
+    used = []
+    orig = t.next_batch
+
+    def spy():
+        b = orig()
+        used.extend(p.video.meta.path for p in b.prompts)
+        return b
+
+    t.next_batch = spy
+    reset_decode_stats()
+    t.train()
+    st = decode_stats()
+    assert len(used) == 6 and st["cache_hits"] == 0
+    assert st["decodes"] == len(used)
+    for path in set(used):
+        assert st["by_path"][path] == used.count(path)
+
+
+def test_training_over_every_kind_of_bad_video(env, tmp_path):
+    """Missing, empty, truncated, not a video, too few frames, absurd dimensions and a decoder that
+    hangs: each is skipped with its reason, the run finishes, samples_skipped counts them all."""
+    from fastebm.data.sample import write_sample_dataset
+    from fastebm.data.synth import BAD_KINDS, BAD_REASONS, write_bad_video
+
+    src = write_sample_dataset(env["data"])
+    d = tmp_path / "bad"
+    shutil.copytree(env["data"], d)
+    recs = json.loads(open(src["train"]).read())[:2 + len(BAD_KINDS)]
+    kinds = {}
+    for i, kind in enumerate(BAD_KINDS):
+        rel = f"./videos/bad_{kind}.webm"
+        write_bad_video(str(d / rel), kind)
+        recs[2 + i]["video_path"] = rel
+        kinds[os.path.normpath(str(d / rel))] = kind
+    (d / "train.json").write_text(json.dumps(recs))
+    out = tmp_path / "run"
+    try:
+        hist = Trainer(cfg_for(env, out, "train.steps=2", f"data.train={d / 'train.json'}", f"data.video_root={d}",
+                               "rollout.group_size=2", "video.timeout_s=3", "train.checkpoint_every=0")).train()
+    finally:
+        hang = d / "videos" / "bad_hang.webm"
+        if hang.exists():  # release a reader still blocked on the named pipe
+            try:
+                os.close(os.open(str(hang), os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+    skipped = [json.loads(ln) for ln in open(out / "skipped.jsonl")]
+    assert [h["step"] for h in hist] == [1, 2]
+    assert hist[-1]["samples_skipped"] == len(skipped)
+    # the sampler comes round to a bad clip again in a later epoch: each draw is skipped again
+    assert {kinds[os.path.normpath(s["file"])] for s in skipped} == set(BAD_KINDS)
+    for s in skipped:
+        kind = kinds[os.path.normpath(s["file"])]
+        assert BAD_REASONS[kind] in s["reason"], (kind, s["reason"])

@@ -229,6 +229,19 @@ class RecordSampler:
         self.pos += 1
         return i
 
+    def peek(self, k: int) -> list[int]:
+        """The next ``k`` indices, without advancing (for decoding ahead)."""
+        out, epoch, pos, perm = [], self.epoch, self.pos, self._perm
+        for _ in range(k):
+            if pos >= self.n:
+                epoch, pos = epoch + 1, 0
+                saved, self.epoch = self.epoch, epoch
+                perm = self._make_perm()
+                self.epoch = saved
+            out.append(perm[pos])
+            pos += 1
+        return out
+
     def state(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "seed": self.seed}
 

@@ -180,6 +180,8 @@ class Trainer:
                                      resume_step=self.step if resume_from else None, enabled=self.dist.is_main)
         self._stop_requested = False
         self._video_sample_kwargs = self._vision_geometry()
+        self._ahead: dict = {}   # path -> Future of its VideoSample, decoded ahead (see _decode_ahead)
+        self._pool = None        # decode threads (video.num_workers), started on first use
 
     def _load_records(self) -> list[Record]:
         """Parse every record; malformed ones are skipped, counted and recorded, never fatal alone."""
@@ -259,8 +261,17 @@ class Trainer:
         finally:
             progress.close()
             signal.signal(signal.SIGINT, prev_handler)
-            self.metrics.close()
+            self.close()
         return history
+
+    def close(self) -> None:
+        """Stop the video decode threads and close the metrics writers."""
+        if self._pool is not None:
+            for f in self._ahead.values():
+                f.cancel()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool, self._ahead = None, {}
+        self.metrics.close()
 
     def _on_sigint(self, signum, frame):
         if self._stop_requested:  # second Ctrl-C: stop now
@@ -342,7 +353,7 @@ class Trainer:
         sampler stays identical everywhere (resume continues mid-epoch on every rank) and the global
         batch is the 1-process batch. Rank 0 writes every rank's skips to skipped.jsonl.
         """
-        from fastebm.data.video import VideoError, load_video_sample
+        from fastebm.data.video import VideoError
 
         d = self.dist
         records, prompts, failures = [], [], 0
@@ -351,10 +362,12 @@ class Trainer:
             candidates = [self.records[self.sampler.next()] for _ in range(sum(need))]
             start = sum(need[:d.rank])
             skips = []
-            for rec in candidates[start:start + need[d.rank]]:
+            mine = candidates[start:start + need[d.rank]]
+            self._decode_ahead([resolve_video(rec, self.cfg.data.video_root) for rec in mine])
+            for rec in mine:
                 path = resolve_video(rec, self.cfg.data.video_root)
                 try:
-                    video = load_video_sample(path, self.cfg.video, **self._video_sample_kwargs)
+                    video = self._decoded(path)
                 except VideoError as e:
                     skips.append(dict(file=path, record=rec.index, problem_id=rec.problem_id, reason=str(e)))
                     continue
@@ -372,7 +385,38 @@ class Trainer:
             if failures >= len(self.records):
                 raise DataError(f"{self.cfg.data.train}: {failures} videos failed in one batch; "
                                 f"see {self.skipped_path}")
+        if self.step + 1 < self.cfg.train.steps:  # the next batch's clips decode while this step runs
+            per = self.cfg.train.prompts_per_step // d.world_size
+            nxt = self.sampler.peek(self.cfg.train.prompts_per_step)[d.rank * per:(d.rank + 1) * per]
+            self._decode_ahead([resolve_video(self.records[i], self.cfg.data.video_root) for i in nxt])
         return Batch(records, prompts)
+
+    def _decode_ahead(self, paths: list[str]) -> None:
+        """Start decoding ``paths`` on the ``video.num_workers`` decode threads (PyAV and DALI do their
+        work outside the GIL). A guess that turns out wrong (a skipped video changes the draw) costs one
+        wasted decode, never a wrong sample: results are looked up by path."""
+        if self.cfg.video.num_workers <= 0:
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.cfg.video.num_workers, thread_name_prefix="fastebm-video")
+        from fastebm.data.video import load_video_sample
+
+        for path in paths:
+            if path not in self._ahead:
+                self._ahead[path] = self._pool.submit(load_video_sample, path, self.cfg.video,
+                                                      **self._video_sample_kwargs)
+
+    def _decoded(self, path: str):
+        """The VideoSample of ``path``: decoded ahead, or here (each clip once per use either way).
+        A failed decode raises VideoError (the per-file time limit included)."""
+        fut = self._ahead.pop(path, None)
+        if fut is not None:
+            return fut.result()
+        from fastebm.data.video import load_video_sample
+
+        return load_video_sample(path, self.cfg.video, **self._video_sample_kwargs)
 
     def _rollout_seeds(self, n: int) -> list[int]:
         """Sampling seed of each of this rank's prompts, from (run.seed, step, global prompt index):
