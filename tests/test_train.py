@@ -270,3 +270,18 @@ def test_training_over_every_kind_of_bad_video(env, tmp_path):
     for s in skipped:
         kind = kinds[os.path.normpath(s["file"])]
         assert BAD_REASONS[kind] in s["reason"], (kind, s["reason"])
+
+
+def test_lr_schedule_in_metrics(env, tmp_path):
+    """metrics 'lr' is the rate each step's update used: linear warmup, then cosine down to min_lr_ratio."""
+    import math
+
+    from fastebm.train.trainer import lr_lambda
+
+    hist = Trainer(cfg_for(env, tmp_path / "run", "train.steps=5", "train.warmup_steps=2", "train.lr=0.01",
+                           "train.min_lr_ratio=0.1", "rollout.group_size=2", "train.checkpoint_every=0")).train()
+    lrs = [m["lr"] for m in hist]
+    expected = [0.01 * lr_lambda(s, 5, 2, "cosine", 0.1) for s in range(5)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[0] == pytest.approx(0.005) and lrs[1] == pytest.approx(0.01)
+    assert lrs[3] == pytest.approx(0.01 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 3))))

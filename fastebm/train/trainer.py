@@ -164,7 +164,8 @@ class Trainer:
             self.rewards = build_rewards(cfg.rewards.enabled, cfg.rewards,
                                          RewardContext(tags=tuple(cfg.data.tags), device=self.device,
                                                        reference=self.reference, tiny_cache_dir=cfg.model.tiny_cache_dir,
-                                                       video_cache_dir=cfg.video.cache_dir, kernel=cfg.grpo.kernel))
+                                                       video_cache_dir=cfg.video.cache_dir, kernel=cfg.grpo.kernel,
+                                                       shared_prefix=cfg.rollout.shared_prefix))
 
         params = [p for p in self.policy.model.parameters() if p.requires_grad]
         t = cfg.train
@@ -291,10 +292,10 @@ class Trainer:
                                   self._rollout_seeds(len(batch.prompts)))
         t2 = time.perf_counter()
 
-        rewards = self.compute_rewards(batch, roll)
-        advantages = combine_rewards({n: torch.tensor(v) for n, v in rewards.items()}, cfg.rewards.weights,
-                                     cfg.rollout.group_size, cfg.rewards.normalize, cfg.rewards.eps,
-                                     cfg.rewards.scale).to(self.device)
+        # With a shared prefix, the PCG teacher (the reference model) scores its suffixes in the same
+        # packed forward as the reference KL pass: the reference prefix runs once per step.
+        joint_pcg = "pcg" in self.rewards and cfg.grpo.beta != 0 and cfg.rollout.shared_prefix
+        rewards = self.compute_rewards(batch, roll, skip=("pcg",) if joint_pcg else ())
         old_logps = ref_logps = None
         prefix_tokens = roll.prefill_tokens
         if cfg.grpo.mu > 1 and roll.logprobs is not None:
@@ -302,9 +303,16 @@ class Trainer:
         elif cfg.grpo.mu > 1:
             old_logps, n = self.score(self.policy.model, batch, roll, temp)
             prefix_tokens += n
-        if cfg.grpo.beta != 0:
+        if joint_pcg:
+            ref_logps, n, rewards["pcg"], self.reward_errors["pcg"] = self.score_reference_and_pcg(batch, roll, temp)
+            prefix_tokens += n
+            rewards = {name: rewards[name] for name in self.rewards}  # the configured order
+        elif cfg.grpo.beta != 0:
             ref_logps, n = self.score(self.reference.model, batch, roll, temp)
             prefix_tokens += n
+        advantages = combine_rewards({n: torch.tensor(v) for n, v in rewards.items()}, cfg.rewards.weights,
+                                     cfg.rollout.group_size, cfg.rewards.normalize, cfg.rewards.eps,
+                                     cfg.rewards.scale).to(self.device)
         t3 = time.perf_counter()
 
         stats = self.update(batch, roll, advantages, old_logps, ref_logps, temp)
@@ -329,7 +337,6 @@ class Trainer:
             "tokens/completion": sum(lengths),
             "completion/mean_len": sum(lengths) / len(lengths),
             "completion/truncated_frac": sum(roll_view.truncated) / len(roll_view.truncated),
-            "lr": self.scheduler.get_last_lr()[0],
             "time/rollout_s": t2 - t1, "time/score_s": t3 - t2, "time/update_s": t4 - t3,
             "time/step_s": t4 - t0,
             "samples_skipped": self.samples_skipped,
@@ -424,12 +431,17 @@ class Trainer:
         first = self.dist.rank * n
         return [hash_seed(self.cfg.run.seed, self.step, first + i) for i in range(n)]
 
-    def compute_rewards(self, batch: Batch, roll: RolloutResult) -> dict[str, list[float]]:
-        inputs = RewardInputs(records=batch.records, group_size=self.cfg.rollout.group_size,
-                              videos=[p.video for p in batch.prompts], prompt_ids=[p.ids for p in batch.prompts],
-                              completion_ids=roll.completion_ids)
+    def reward_inputs(self, batch: Batch, roll: RolloutResult) -> RewardInputs:
+        return RewardInputs(records=batch.records, group_size=self.cfg.rollout.group_size,
+                            videos=[p.video for p in batch.prompts], prompt_ids=[p.ids for p in batch.prompts],
+                            completion_ids=roll.completion_ids)
+
+    def compute_rewards(self, batch: Batch, roll: RolloutResult, skip=()) -> dict[str, list[float]]:
+        inputs = self.reward_inputs(batch, roll)
         out, self.reward_errors = {}, {}
         for name, fn in self.rewards.items():
+            if name in skip:
+                continue
             try:  # rewards.on_error = "zero": a failure scores 0 and is counted, never silent
                 out[name], self.reward_errors[name] = call_reward(name, fn, roll.texts, inputs,
                                                                   self.cfg.rewards.on_error)
@@ -465,6 +477,53 @@ class Trainer:
             out[idx, :lp.shape[1]] = lp * cb.mask
             prefix += cb.num_prompt_tokens
         return out, prefix
+
+    @torch.no_grad()
+    def score_reference_and_pcg(self, batch: Batch, roll: RolloutResult, temperature: float):
+        """The reference model's KL log-probs and the PCG reward in ONE packed forward per prompt group:
+        ``[prefix | completion_1..G | context_i + answer ... | answer]`` on one copy of the prefix.
+
+        Returns (ref log-probs (N, Tmax), prefix tokens, pcg values, pcg errors). A PCG failure is
+        handled as any reward's (``rewards.on_error``); the KL pass then runs on its own.
+        """
+        from fastebm.model.forward import CompletionBatch
+        from fastebm.rewards.pcg import answer_mean_logprob
+
+        ref, pcg = self.reference.model, self.rewards["pcg"]
+        W, kernel = lm_head_weight(ref), self.cfg.grpo.kernel
+        comps = roll.completion_ids
+        N, Tmax = len(comps), max(1, max(len(c) for c in comps))
+        out = torch.zeros((N, Tmax), dtype=torch.float32, device=self.device)
+        done = {}
+
+        def joint(completions, inputs):
+            plans = {g.prompt: g for g in pcg.plan(completions, inputs)}
+            lls, prefix = [], 0
+            for p in range(len(batch.prompts)):
+                members = [i for i in range(N) if roll.prompt_index[i] == p]
+                extra = plans[p].suffixes() if p in plans else []
+                suffixes = [comps[i] for i in members] + extra
+                cb = shared_prefix_hidden_states(ref, batch.prompts, suffixes, [p] * len(suffixes))
+                k = len(members)
+                w = min(Tmax, cb.ids.shape[1])  # the PCG suffixes may be longer than any completion
+                lp = scoring_logprobs(cb.hidden[:k, :w], W, cb.ids[:k, :w], temperature, kernel=kernel)
+                out[members, :w] = lp * cb.mask[:k, :w]
+                if p in plans:  # the PCG teacher scores at temperature 1
+                    rest = CompletionBatch(cb.hidden[k:], cb.ids[k:], cb.mask[k:], 0)
+                    lls.append(answer_mean_logprob(ref, rest, len(plans[p].answer_ids), kernel))
+                prefix += cb.num_prompt_tokens
+            done["prefix"] = prefix
+            return pcg.finish(N, list(plans.values()), lls)
+
+        try:
+            vals, errors = call_reward("pcg", joint, roll.texts, self.reward_inputs(batch, roll),
+                                       self.cfg.rewards.on_error)
+        except RewardError as e:
+            raise TrainingError(f"step {self.step + 1}: {e}") from e
+        if "prefix" not in done:  # PCG failed and was zeroed: the KL pass alone
+            ref_logps, prefix = self.score(ref, batch, roll, temperature)
+            return ref_logps, prefix, vals, errors
+        return out, done["prefix"], vals, errors
 
     def update(self, batch: Batch, roll: RolloutResult, advantages: torch.Tensor,
                old_logps: Optional[torch.Tensor], ref_logps: Optional[torch.Tensor], temperature: float) -> dict:
@@ -506,6 +565,7 @@ class Trainer:
             if not torch.isfinite(gn):
                 raise TrainingError(f"non-finite gradient norm at step {self.step + 1}; stopping without saving. "
                                     f"The last good checkpoint is {latest_checkpoint(self.run_dir) or '(none yet)'}")
+            lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -514,7 +574,7 @@ class Trainer:
             clips.append(clip_sum / max(1, total_tokens))
             gnorms.append(float(gn))
         return {"loss": losses[0], "loss/last": losses[-1], "kl": kls[0], "clip_ratio": clips[-1],
-                "grad_norm": gnorms[0], "prefix_tokens": prefix}
+                "grad_norm": gnorms[0], "lr": lr, "prefix_tokens": prefix}
 
     # ------------------------------------------------------------------------------------------
     # Bookkeeping

@@ -29,3 +29,33 @@ def test_same_rewards_and_loss_per_step(tmp_path, mu):
         for k in ("loss", "kl", "loss/last", "grad_norm"):
             assert abs(x[k] - y[k]) <= 1e-5 + 1e-4 * abs(x[k]), (k, x[k], y[k])
         assert y["tokens/prefix"] < x["tokens/prefix"]
+
+
+def test_reference_and_pcg_share_one_packed_pass(tmp_path):
+    """The joint pass (KL suffixes and PCG suffixes on one copy of the reference prefix) gives the
+    KL log-probs of the plain reference pass and the PCG values of the reward run on its own."""
+    import torch
+
+    from fastebm.model.rollout import RolloutResult
+
+    cfg = load_config(os.path.join(ROOT, "recipes", "tiny.toml"), [
+        f"run.output_dir={tmp_path / 'run'}", f"model.tiny_cache_dir={tmp_path / 'models'}",
+        f"data.sample_dir={tmp_path / 'sample'}", "log.progress=false", "rollout.group_size=3",
+        "rewards.pcg.safeguard=false"])
+    t = Trainer(cfg)
+    batch = t.next_batch()
+    tok = t.policy.tokenizer
+    texts = ["<vision> I see a red shape </vision> <think> someone is waiting </think> <answer> Stay here. </answer>",
+             "no tags at all",
+             "<vision> a green shape moves </vision><think> danger </think><answer> Run. </answer>"] * 2
+    comps = [tok(x, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for x in texts]
+    roll = RolloutResult(comps, [0, 0, 0, 1, 1, 1], texts, [False] * 6, 0)
+    ref_joint, _, pcg_joint, errors = t.score_reference_and_pcg(batch, roll, 1.0)
+    ref_plain, _ = t.score(t.reference.model, batch, roll, 1.0)
+    pcg_plain = t.rewards["pcg"](texts, t.reward_inputs(batch, roll))
+    t.close()
+    assert errors == 0
+    torch.testing.assert_close(ref_joint, ref_plain, atol=1e-5, rtol=0)
+    assert pcg_plain[1] == 0.0 and pcg_plain[0] != 0.0
+    for a, b in zip(pcg_joint, pcg_plain):
+        assert abs(a - b) < 1e-5
