@@ -7,7 +7,6 @@ random Qwen2-VL (hidden 256, 4 layers; S = 16). On a GPU: a model of Qwen2-VL-2B
 1536, 28 layers, 12 heads, 2 KV heads; S = 128). Both are built from a config with random weights.
 Rollout lengths are fixed (EOS is never a stop here) so both paths decode the same number of tokens.
 """
-import os
 
 import pytest
 import torch

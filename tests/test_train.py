@@ -81,7 +81,6 @@ def test_resume_gives_identical_metrics(env, tmp_path):
     for x, y in zip(full[2:], resumed):
         assert strip_times(x) == strip_times(y)
     # weights too
-    wa = torch.load  # noqa: F841  (checkpoints are compared through safetensors below)
     from safetensors.torch import load_file
 
     sa = load_file(str(a / "checkpoints" / "4" / "model.safetensors"))

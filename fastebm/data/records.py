@@ -134,6 +134,24 @@ def load_records(path: str) -> list[Record]:
     return [parse_record(obj, path, i) for i, obj in enumerate(read_raw(path))]
 
 
+def load_usable_records(path: str, on_bad, require=None) -> list[Record]:
+    """Every record of ``path`` that parses (and passes ``require(record)``, which raises ValueError
+    otherwise); each bad one goes to ``on_bad(file=, record=, reason=)`` — skipped, never fatal
+    alone. No usable record at all is a DataError."""
+    good = []
+    for i, obj in enumerate(read_raw(path)):
+        try:
+            rec = parse_record(obj, path, i)
+            if require is not None:
+                require(rec)
+            good.append(rec)
+        except (DataError, ValueError) as e:
+            on_bad(file=path, record=i, reason=str(e))
+    if not good:
+        raise DataError(f"{path}: no usable records (every one is malformed; see the run's skipped.jsonl)")
+    return good
+
+
 def resolve_video(record: Record, video_root: str = "") -> str:
     """Absolute path of a record's video: relative to ``video_root`` or to the records file's folder."""
     root = video_root or os.path.dirname(os.path.abspath(record.source_file))

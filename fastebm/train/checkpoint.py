@@ -74,6 +74,25 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
     return cks[-1][1] if cks else None
 
 
+def resolve_resume(resume: str, run_dir: str) -> Optional[str]:
+    """``train.resume``: ``false`` -> None; ``true`` -> the newest checkpoint of ``run_dir`` (None, with
+    a warning, when there is none); anything else -> that checkpoint directory, which must exist."""
+    if resume.lower() == "false":
+        return None
+    if resume.lower() == "true":
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            import logging
+
+            logging.getLogger("fastebm").warning("train.resume = true but %s has no checkpoint: starting from "
+                                                 "scratch", run_dir)
+        return path
+    path = os.path.expanduser(resume)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"train.resume: checkpoint directory {path!r} does not exist")
+    return path
+
+
 def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: dict, fp: dict,
                     keep: int = 0) -> str:
     root = os.path.join(run_dir, "checkpoints")

@@ -48,6 +48,12 @@ class MetricsWriter:
             self.tb.close()
 
 
+def append_skipped(path: str, step: int, entry: dict) -> None:
+    """One line of ``skipped.jsonl``: the step, the file, the record and the reason."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, **entry}, default=str) + "\n")
+
+
 def read_metrics(run_dir: str) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(ln) for ln in f if ln.strip()]

@@ -24,19 +24,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Optional
 
 import torch
 
 from fastebm.config import Config, write_config
 from fastebm.data import DataError
 from fastebm.data.prompts import build_messages, encode_prompt, sft_target
-from fastebm.data.records import Profiles, Record, RecordSampler, parse_record, read_raw, resolve_video
+from fastebm.data.records import Profiles, Record, RecordSampler, load_usable_records, resolve_video
 from fastebm.grpo.loss import token_logprobs
 from fastebm.model.forward import Prompt, completion_hidden_states, lm_head_weight
 from fastebm.model.loading import load_model, resolve_model_path
-from fastebm.train.checkpoint import fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from fastebm.train.metrics import MetricsWriter
+from fastebm.train.checkpoint import (fingerprint, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
+                                      set_rng_state)
+from fastebm.train.metrics import MetricsWriter, append_skipped
 from fastebm.train.trainer import TrainingError, lr_lambda, pick_device, prepare_data, seed_everything
 
 log = logging.getLogger("fastebm")
@@ -60,7 +60,7 @@ class SFTTrainer:
         self.profiles = Profiles.load(cfg.data.profiles)
         self.sampler = RecordSampler(len(self.records), cfg.run.seed)
 
-        resume_from = self._resume_path()
+        resume_from = resolve_resume(cfg.train.resume, self.run_dir)
         self.policy = load_model(resume_from or resolve_model_path(cfg.model), self.device, cfg.model.dtype,
                                  cfg.model.attn_implementation, trainable=True)
         if cfg.model.gradient_checkpointing:
@@ -87,35 +87,13 @@ class SFTTrainer:
         self.eos_id = self.policy.tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     def _load_records(self) -> list[Record]:
-        path, good = self.cfg.data.cot, []
-        for i, obj in enumerate(read_raw(path)):
-            try:
-                rec = parse_record(obj, path, i)
-                sft_target(rec)  # a CoT record must have its process
-                good.append(rec)
-            except (DataError, ValueError) as e:
-                self._skip(file=path, record=i, reason=str(e))
-        if not good:
-            raise DataError(f"{path}: no usable CoT records (see {self.skipped_path})")
-        return good
-
-    def _resume_path(self) -> Optional[str]:
-        r = self.cfg.train.resume
-        if r.lower() == "false":
-            return None
-        if r.lower() == "true":
-            return latest_checkpoint(self.run_dir)
-        if not os.path.isdir(os.path.expanduser(r)):
-            raise TrainingError(f"train.resume: checkpoint directory {r!r} does not exist")
-        return os.path.expanduser(r)
+        """The usable CoT records (a record without ``process`` is skipped like a malformed one)."""
+        return load_usable_records(self.cfg.data.cot, self._skip, require=sft_target)
 
     def _skip(self, **entry) -> None:
-        import json
-
         self.samples_skipped += 1
         log.warning("skipped sample: %s", entry.get("reason"))
-        with open(self.skipped_path, "a") as f:
-            f.write(json.dumps({"step": getattr(self, "step", 0) + 1, **entry}, default=str) + "\n")
+        append_skipped(self.skipped_path, getattr(self, "step", 0) + 1, entry)
 
     def next_batch(self) -> tuple[list[Prompt], list[list[int]]]:
         """Prompts (video decoded once) and target ids of ``prompts_per_step`` CoT records."""

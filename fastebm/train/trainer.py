@@ -37,7 +37,7 @@ import torch
 from fastebm.config import Config, write_config
 from fastebm.data import DataError
 from fastebm.data.prompts import build_messages, encode_prompt
-from fastebm.data.records import Profiles, Record, RecordSampler, parse_record, read_raw, resolve_video
+from fastebm.data.records import Profiles, Record, RecordSampler, load_usable_records, resolve_video
 from fastebm.grpo.advantages import combine_rewards
 from fastebm.grpo.loss import compute_grpo_loss, scoring_logprobs
 from fastebm.model.decode import shared_prefix_rollout
@@ -46,10 +46,10 @@ from fastebm.model.prefix import shared_prefix_hidden_states
 from fastebm.model.loading import LoadedModel, load_model, resolve_model_path
 from fastebm.model.rollout import RolloutResult, rollout
 from fastebm.rewards import RewardContext, RewardError, RewardInputs, build_rewards, call_reward
-from fastebm.train.checkpoint import (fingerprint, hf_weights_dir, latest_checkpoint, load_checkpoint,
+from fastebm.train.checkpoint import (fingerprint, hf_weights_dir, latest_checkpoint, load_checkpoint, resolve_resume,
                                       load_full_optimizer_state, load_sharded_weights, save_checkpoint,
                                       save_sharded_checkpoint, set_rng_state)
-from fastebm.train.metrics import MetricsWriter
+from fastebm.train.metrics import MetricsWriter, append_skipped
 from fastebm.train.parallel import clip_grad_norm, gathered_params, init_distributed, parallelize, seeded_rollout
 
 log = logging.getLogger("fastebm")
@@ -147,7 +147,7 @@ class Trainer:
         self.profiles = Profiles.load(cfg.data.profiles)
         self.sampler = RecordSampler(len(self.records), cfg.run.seed)
 
-        resume_from = self._resume_path()
+        resume_from = resolve_resume(cfg.train.resume, self.run_dir)
         # A dcp checkpoint has no from_pretrained weights: start from the model, load the shards in _restore.
         self.policy = load_model(hf_weights_dir(resume_from) or model_path, self.device, cfg.model.dtype,
                                  cfg.model.attn_implementation, trainable=True)
@@ -185,31 +185,8 @@ class Trainer:
         self._pool = None        # decode threads (video.num_workers), started on first use
 
     def _load_records(self) -> list[Record]:
-        """Parse every record; malformed ones are skipped, counted and recorded, never fatal alone."""
-        path = self.cfg.data.train
-        good = []
-        for i, obj in enumerate(read_raw(path)):
-            try:
-                good.append(parse_record(obj, path, i))
-            except DataError as e:
-                self._skip(file=path, record=i, reason=str(e))
-        if not good:
-            raise DataError(f"{path}: no usable records ({self.samples_skipped} malformed; see {self.skipped_path})")
-        return good
-
-    def _resume_path(self) -> Optional[str]:
-        r = self.cfg.train.resume
-        if r.lower() == "false":
-            return None
-        if r.lower() == "true":
-            path = latest_checkpoint(self.run_dir)
-            if path is None:
-                log.warning("train.resume = true but %s has no checkpoint: starting from scratch", self.run_dir)
-            return path
-        path = os.path.expanduser(r)
-        if not os.path.isdir(path):
-            raise TrainingError(f"train.resume: checkpoint directory {path!r} does not exist")
-        return path
+        """Every usable record; malformed ones are skipped, counted and recorded, never fatal alone."""
+        return load_usable_records(self.cfg.data.train, self._skip)
 
     def _restore(self, path: str) -> None:
         state = load_checkpoint(path, self.fingerprint)
@@ -608,10 +585,8 @@ class Trainer:
         self.samples_skipped += 1
         if not self.dist.is_main:
             return
-        entry = {"step": getattr(self, "step", 0) + 1, **entry}
         log.warning("skipped sample: %s", entry.get("reason"))
-        with open(self.skipped_path, "a") as f:
-            f.write(json.dumps(entry, default=str) + "\n")
+        append_skipped(self.skipped_path, getattr(self, "step", 0) + 1, entry)
 
     def _write_samples(self, batch: Batch, roll: RolloutResult, rewards: dict) -> None:
         with open(os.path.join(self.run_dir, "samples.jsonl"), "a") as f:

@@ -7,7 +7,6 @@ gradient. Triton runs under TRITON_INTERPRET=1 here (tests/conftest.py sets it o
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 BACKENDS = ["triton", "torch"]

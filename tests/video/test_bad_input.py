@@ -1,6 +1,5 @@
 """Every bad input yields a VideoError naming the file and the reason; a hang becomes a timeout."""
 import os
-import threading
 import time
 
 import pytest

@@ -1,7 +1,6 @@
 """Disk cache (second epoch decodes nothing), `data precompute`, and once-per-step decode counting."""
 import argparse
 import json
-import os
 import shutil
 
 import pytest

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastebm.config import VideoConfig
-from fastebm.data.synth import read_frame_code, write_synthetic_clip
+from fastebm.data.synth import read_frame_code
 from fastebm.data.video import VideoError, choose_backend, decode, load_video_sample
 from fastebm.data.video import dali_backend
 
