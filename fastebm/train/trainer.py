@@ -1,19 +1,22 @@
 """The EBM-RL GRPO trainer.
 
-    fastebm train recipes/tiny.toml [section.key=value ...]
+    fastebm train recipes/tiny.toml [section.key=value ...] [--nproc-per-node N]
 
-One step, top to bottom (``Trainer.step``):
+One step, top to bottom (``Trainer.train_step``):
 
-  1. batch     take ``prompts_per_step`` records; decode each clip ONCE (frames shared by the policy
-               input and the rewards); a record whose video fails is skipped and recorded
-  2. rollout   G completions per prompt                                   -> time/rollout_s
-  3. score     rewards (registry), old log-probs (mu > 1), reference log-probs (beta > 0)
-                                                                          -> time/score_s
+  1. batch     this rank's share of ``prompts_per_step`` records (whole groups); each clip decoded
+               ONCE, ahead of time on decode threads (frames shared by the policy input and the
+               rewards); a record whose video fails is skipped and recorded
+  2. rollout   G completions per prompt; with ``rollout.shared_prefix`` the prefix is prefilled
+               once and the G samples decode on it with cascade attention   -> time/rollout_s
+  3. score     rewards (registry); old log-probs (mu > 1: the rollout's own); reference log-probs
+               (beta > 0) packed with the PCG teacher's suffixes on one copy of the reference
+               prefix                                                       -> time/score_s
   4. advantage per-reward group z-norm then weights (EBM) or summed (GRPO)
-  5. update    mu passes; each: micro-batched forward with grad -> fused/reference GRPO loss on
-               hidden states -> backward (accumulated) -> clip -> AdamW -> schedule
-                                                                          -> time/update_s
-  6. log       metrics.jsonl, progress bar; checkpoint every N steps and at the end
+  5. update    mu passes; each: micro-batched forward with grad (one packed row per prompt) ->
+               fused/reference GRPO loss on hidden states -> backward (accumulated) -> clip ->
+               AdamW -> schedule                                            -> time/update_s
+  6. log       metrics.jsonl (rank 0), progress bar; checkpoint every N steps and at the end
 
 Where it departs from textbook GRPO: the rewards are z-normalised per reward within the group
 before weighting (``rewards.normalize = "per_reward"``, EBM-RL); the KL is k3 against a frozen
