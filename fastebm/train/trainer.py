@@ -470,7 +470,7 @@ class Trainer:
         from fastebm.rewards.pcg import answer_mean_logprob
 
         ref, pcg = self.reference.model, self.rewards["pcg"]
-        W, kernel = lm_head_weight(ref), self.cfg.grpo.kernel
+        kernel = self.cfg.grpo.kernel
         comps = roll.completion_ids
         N, Tmax = len(comps), max(1, max(len(c) for c in comps))
         out = torch.zeros((N, Tmax), dtype=torch.float32, device=self.device)
@@ -486,6 +486,7 @@ class Trainer:
                 cb = shared_prefix_hidden_states(ref, batch.prompts, suffixes, [p] * len(suffixes))
                 k = len(members)
                 w = min(Tmax, cb.ids.shape[1])  # the PCG suffixes may be longer than any completion
+                W = lm_head_weight(ref)  # read after the forward: under FSDP the root unit is gathered by then
                 lp = scoring_logprobs(cb.hidden[:k, :w], W, cb.ids[:k, :w], temperature, kernel=kernel)
                 out[members, :w] = lp * cb.mask[:k, :w]
                 if p in plans:  # the PCG teacher scores at temperature 1
