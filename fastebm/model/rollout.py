@@ -1,11 +1,13 @@
-"""Group sampling: G completions per prompt.
+"""Group sampling on the repeated path (``rollout.shared_prefix = false``): G completions per prompt.
 
-First version: Hugging Face ``generate`` with ``num_return_sequences=G``, one prompt at a time (so
-no padding games with M-RoPE). This is the function the shared-prefix KV cache replaces; the
-trainer only sees ``rollout(model, tokenizer, prompts, cfg) -> RolloutResult``.
+Hugging Face ``generate`` with ``num_return_sequences=G`` (greedy: a batch of G copies, which
+``generate`` needs there), one prompt at a time: the prefix runs once per sample, as in the
+reference implementation. ``fastebm.model.decode.shared_prefix_rollout`` is the fast path with the
+same contract: ``rollout(model, tokenizer, prompts, cfg) -> RolloutResult``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -32,6 +34,23 @@ def eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+_PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+
+def _repeat(key: str, x: torch.Tensor, G: int) -> torch.Tensor:
+    """G copies along the batch: per-token inputs (1, L) -> (G, L); per-video ones (pixel patches,
+    grid rows, seconds per grid) concatenated G times."""
+    return x.expand(G, -1).contiguous() if key in _PER_TOKEN else torch.cat([x] * G)
+
+
+def _generate(model, inputs: dict, G: int, greedy: bool, gen_kwargs: dict) -> torch.Tensor:
+    """G sequences for one prompt: ``num_return_sequences=G``, or, greedy (which ``generate``
+    refuses to repeat), a batch of G copies."""
+    if greedy:
+        return model.generate(**{k: _repeat(k, v, G) for k, v in inputs.items()}, **gen_kwargs)
+    return model.generate(**inputs, num_return_sequences=G, **gen_kwargs)
+
+
 def suppressed_ids(model) -> list[int]:
     """Vision placeholders: a completion must never contain them (the forward would take them for
     another video); a random or young policy does sample them, so rollouts mask them out."""
@@ -41,8 +60,12 @@ def suppressed_ids(model) -> list[int]:
 
 
 @torch.no_grad()
-def rollout(model, tokenizer, prompts: Sequence[Prompt], cfg) -> RolloutResult:
-    """Sample ``cfg.group_size`` completions for each prompt (``cfg``: the ``[rollout]`` section)."""
+def rollout(model, tokenizer, prompts: Sequence[Prompt], cfg, seeds: Optional[Sequence[int]] = None) -> RolloutResult:
+    """Sample ``cfg.group_size`` completions for each prompt (``cfg``: the ``[rollout]`` section).
+
+    ``seeds``: one sampling seed per prompt (torch's global generator is reseeded per prompt and
+    restored afterwards); default: the global generator as it is.
+    """
     device = next(model.parameters()).device
     G, greedy = cfg.group_size, cfg.temperature == 0
     stops = eos_ids(model, tokenizer)
@@ -64,13 +87,16 @@ def rollout(model, tokenizer, prompts: Sequence[Prompt], cfg) -> RolloutResult:
                           mm_token_type_ids=(input_ids == model.config.video_token_id).to(torch.int32) * 2)
             if model.config.model_type == "qwen2_5_vl":
                 inputs["second_per_grid_ts"] = vids["second_per_grid_ts"]
-            # Greedy decoding gives G identical samples: generate once and repeat.
-            n = 1 if greedy else G
-            out = model.generate(**inputs, num_return_sequences=n, **gen_kwargs)
-            prefill += len(prompt.ids) * n  # generate() re-runs the prefix for every sample
+            rng = contextlib.nullcontext()
+            if seeds is not None:
+                rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+            with rng:
+                if seeds is not None:
+                    torch.manual_seed(int(seeds[p_i]))
+                out = _generate(model, inputs, G, greedy, gen_kwargs)
+            prefill += len(prompt.ids) * G  # the repeated path runs the prefix for every sample
             new = out[:, input_ids.shape[1]:].tolist()
-            for k in range(G):
-                seq = new[k % n]
+            for seq in new:
                 cut = next((j for j, t in enumerate(seq) if t in stops), None)
                 if cut is None:  # hit max_new_tokens: no EOS, hence no padding either
                     comps.append(seq)

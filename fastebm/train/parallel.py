@@ -21,7 +21,6 @@ see docs/distributed.md for the memory plan.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -314,33 +313,13 @@ def gathered_params(model: torch.nn.Module, d: Dist):
 
 
 def seeded_rollout(sample_fn, model, tokenizer, prompts, cfg, seeds: list[int]):
-    """``sample_fn`` (a rollout function) one prompt at a time, each under its own RNG seed.
+    """``sample_fn`` (a rollout function) with one sampling seed per prompt.
 
     Sampling then depends on (run.seed, step, global prompt index) only, not on which rank holds the
-    prompt or what was sampled before it: 2 ranks sample exactly what 1 process samples. Both
-    rollout paths already loop over prompts one at a time, so this costs nothing; the caller's RNG
-    state is restored afterwards (fork_rng).
+    prompt or what the other prompts sampled: 2 ranks sample exactly what 1 process samples. Both
+    rollout paths take ``seeds`` (per-prompt generators; the caller's RNG state is left as it was).
     """
-    from fastebm.model.rollout import RolloutResult
-
-    device = next(model.parameters()).device
-    parts = []
-    for prompt, seed in zip(prompts, seeds):
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            parts.append(sample_fn(model, tokenizer, [prompt], cfg))
-    out = {}
-    for f in dataclasses.fields(RolloutResult):
-        vals = [getattr(r, f.name) for r in parts]
-        if f.name == "prompt_index":
-            out[f.name] = [p_i for p_i, v in enumerate(vals) for _ in v]  # each part is prompt 0 of its own
-        elif all(v is None for v in vals):
-            out[f.name] = None
-        elif isinstance(vals[0], list):
-            out[f.name] = [x for v in vals for x in v]
-        else:
-            out[f.name] = sum(vals)
-    return RolloutResult(**out)
+    return sample_fn(model, tokenizer, prompts, cfg, seeds=seeds)
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
