@@ -141,9 +141,9 @@ def test_prefix_kv_memory_independent_of_G(model_and_video):
     sizes = {}
     orig = decode_mod._PrefixDecoder.__init__
 
-    def spy(self, m, prefix_kv, G, max_new):
-        orig(self, m, prefix_kv, G, max_new)
-        sizes[G] = (sum(k.numel() + v.numel() for k, v in prefix_kv),
+    def spy(self, m, prefix_kv, prefix_len, rows, max_new):
+        orig(self, m, prefix_kv, prefix_len, rows, max_new)
+        sizes[rows] = (sum(k.numel() + v.numel() for k, v in prefix_kv),
                     sum(k.numel() + v.numel() for k, v in zip(self.k, self.v)))
 
     decode_mod._PrefixDecoder.__init__ = spy
