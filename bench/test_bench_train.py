@@ -15,7 +15,6 @@ import torch
 
 from fastebm.config import load_config
 from fastebm.grpo.advantages import combine_rewards
-from fastebm.model.rollout import rollout
 from fastebm.train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,41 +30,33 @@ def trainer(tmp_path_factory):
                       [f"run.output_dir={d / 'run'}", f"model.tiny_cache_dir={d / 'models'}",
                        f"data.sample_dir={d / 'sample'}", "log.progress=false", *scale])
     t = Trainer(cfg)
-    torch.manual_seed(0)
     batch = t.next_batch()
-    roll = rollout(t.policy.model, t.policy.tokenizer, batch.prompts, cfg.rollout)
-    return t, batch, roll
+    roll = t.rollout(batch)
+    yield t, batch, roll
+    t.close()
 
 
 def test_rollout(benchmark, trainer):
     t, batch, _ = trainer
     benchmark.extra_info.update(device="cuda" if GPU else "cpu", group_size=t.cfg.rollout.group_size,
                                 prompts=len(batch.prompts), max_new_tokens=t.cfg.rollout.max_new_tokens)
-    torch.manual_seed(0)
-    r = benchmark.pedantic(rollout, args=(t.policy.model, t.policy.tokenizer, batch.prompts, t.cfg.rollout),
-                           rounds=3, iterations=1, warmup_rounds=1)
+    r = benchmark.pedantic(t.rollout, args=(batch,), rounds=3, iterations=1, warmup_rounds=1)
     assert len(r.completion_ids) == len(batch.prompts) * t.cfg.rollout.group_size
 
 
 def test_score(benchmark, trainer):
-    """Rewards + reference log-probs: the trainer's time/score_s."""
+    """Rewards + reference (and PCG teacher) log-probs: the trainer's time/score_s."""
     t, batch, roll = trainer
-
-    def score():
-        rewards = t.compute_rewards(batch, roll)
-        ref, _ = t.score(t.reference.model, batch, roll, 1.0)
-        return rewards, ref
-
-    rewards, ref = benchmark.pedantic(score, rounds=3, iterations=1, warmup_rounds=1)
+    rewards, _, ref, _ = benchmark.pedantic(t.score_step, args=(batch, roll, 1.0), rounds=3, iterations=1,
+                                            warmup_rounds=1)
     assert ref.shape[0] == len(roll.completion_ids) and set(rewards) == set(t.cfg.rewards.enabled)
 
 
 def test_update(benchmark, trainer):
     t, batch, roll = trainer
-    rewards = t.compute_rewards(batch, roll)
+    rewards, _, ref, _ = t.score_step(batch, roll, 1.0)
     adv = combine_rewards({n: torch.tensor(v) for n, v in rewards.items()}, t.cfg.rewards.weights,
                           t.cfg.rollout.group_size).to(t.device)
-    ref, _ = t.score(t.reference.model, batch, roll, 1.0)
     weights = copy.deepcopy(t.policy.model.state_dict())
     opt = copy.deepcopy(t.optimizer.state_dict())
 

@@ -266,30 +266,11 @@ class Trainer:
         temp = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
 
         t1 = time.perf_counter()
-        sample = shared_prefix_rollout if cfg.rollout.shared_prefix else rollout
-        with gathered_params(self.policy.model, self.dist):  # full weights once per step, not per token
-            roll = seeded_rollout(sample, self.policy.model, self.policy.tokenizer, batch.prompts, cfg.rollout,
-                                  self._rollout_seeds(len(batch.prompts)))
+        roll = self.rollout(batch)
         t2 = time.perf_counter()
 
-        # With a shared prefix, the PCG teacher (the reference model) scores its suffixes in the same
-        # packed forward as the reference KL pass: the reference prefix runs once per step.
-        joint_pcg = "pcg" in self.rewards and cfg.grpo.beta != 0 and cfg.rollout.shared_prefix
-        rewards = self.compute_rewards(batch, roll, skip=("pcg",) if joint_pcg else ())
-        old_logps = ref_logps = None
-        prefix_tokens = roll.prefill_tokens
-        if cfg.grpo.mu > 1 and roll.logprobs is not None:
-            old_logps = self._pad(roll.logprobs)  # computed on the rollout's own prefix cache
-        elif cfg.grpo.mu > 1:
-            old_logps, n = self.score(self.policy.model, batch, roll, temp)
-            prefix_tokens += n
-        if joint_pcg:
-            ref_logps, n, rewards["pcg"], self.reward_errors["pcg"] = self.score_reference_and_pcg(batch, roll, temp)
-            prefix_tokens += n
-            rewards = {name: rewards[name] for name in self.rewards}  # the configured order
-        elif cfg.grpo.beta != 0:
-            ref_logps, n = self.score(self.reference.model, batch, roll, temp)
-            prefix_tokens += n
+        rewards, old_logps, ref_logps, scored_prefix = self.score_step(batch, roll, temp)
+        prefix_tokens = roll.prefill_tokens + scored_prefix
         advantages = combine_rewards({n: torch.tensor(v) for n, v in rewards.items()}, cfg.rewards.weights,
                                      cfg.rollout.group_size, cfg.rewards.normalize, cfg.rewards.eps,
                                      cfg.rewards.scale).to(self.device)
@@ -405,11 +386,43 @@ class Trainer:
 
         return load_video_sample(path, self.cfg.video, **self._video_sample_kwargs)
 
+    def rollout(self, batch: Batch) -> RolloutResult:
+        """G completions per prompt: on the shared prefix (cascade attention) or the repeated path."""
+        sample = shared_prefix_rollout if self.cfg.rollout.shared_prefix else rollout
+        with gathered_params(self.policy.model, self.dist):  # full weights once per step, not per token
+            return seeded_rollout(sample, self.policy.model, self.policy.tokenizer, batch.prompts, self.cfg.rollout,
+                                  self._rollout_seeds(len(batch.prompts)))
+
     def _rollout_seeds(self, n: int) -> list[int]:
         """Sampling seed of each of this rank's prompts, from (run.seed, step, global prompt index):
         the samples of a prompt do not depend on how the batch is laid out over ranks."""
         first = self.dist.rank * n
         return [hash_seed(self.cfg.run.seed, self.step, first + i) for i in range(n)]
+
+    def score_step(self, batch: Batch, roll: RolloutResult, temperature: float):
+        """Everything between rollout and update: (rewards, old log-probs, reference log-probs, prefix
+        tokens processed). Old log-probs (mu > 1) are the rollout's own where it has them; with a
+        shared prefix the PCG teacher scores its suffixes in the same packed forward as the reference
+        KL pass, so the reference prefix runs once per step."""
+        cfg = self.cfg
+        joint_pcg = "pcg" in self.rewards and cfg.grpo.beta != 0 and cfg.rollout.shared_prefix
+        rewards = self.compute_rewards(batch, roll, skip=("pcg",) if joint_pcg else ())
+        old_logps = ref_logps = None
+        prefix_tokens = 0
+        if cfg.grpo.mu > 1 and roll.logprobs is not None:
+            old_logps = self._pad(roll.logprobs)  # computed on the rollout's own prefix cache
+        elif cfg.grpo.mu > 1:
+            old_logps, n = self.score(self.policy.model, batch, roll, temperature)
+            prefix_tokens += n
+        if joint_pcg:
+            ref_logps, n, rewards["pcg"], self.reward_errors["pcg"] = self.score_reference_and_pcg(batch, roll,
+                                                                                                  temperature)
+            prefix_tokens += n
+            rewards = {name: rewards[name] for name in self.rewards}  # the configured order
+        elif cfg.grpo.beta != 0:
+            ref_logps, n = self.score(self.reference.model, batch, roll, temperature)
+            prefix_tokens += n
+        return rewards, old_logps, ref_logps, prefix_tokens
 
     def reward_inputs(self, batch: Batch, roll: RolloutResult) -> RewardInputs:
         return RewardInputs(records=batch.records, group_size=self.cfg.rollout.group_size,
