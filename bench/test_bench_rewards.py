@@ -82,10 +82,17 @@ def sequential(fns, comps, inputs, teacher):
     return out
 
 
-def test_rewards_batched(benchmark, setup):
+@pytest.mark.parametrize("shared_prefix", [False, True], ids=["repeated-prefix", "shared-prefix"])
+def test_rewards_batched(benchmark, setup, shared_prefix):
+    """One pass per reward model per step; the PCG teacher pass with the prompt repeated per
+    sequence, or as one packed row on a single copy of the prefix (rollout.shared_prefix)."""
     fns, comps, inputs, _ = setup
-    benchmark.extra_info.update(device="cuda" if GPU else "cpu", group_size=G, prompts=2)
-    out = benchmark.pedantic(batched, args=(fns, comps, inputs), rounds=5, iterations=1, warmup_rounds=1)
+    fns["pcg"].shared_prefix = shared_prefix
+    benchmark.extra_info.update(device="cuda" if GPU else "cpu", group_size=G, prompts=2, shared_prefix=shared_prefix)
+    try:
+        out = benchmark.pedantic(batched, args=(fns, comps, inputs), rounds=5, iterations=1, warmup_rounds=1)
+    finally:
+        fns["pcg"].shared_prefix = False
     assert all(len(v) == 2 * G for v in out.values())
 
 
