@@ -74,15 +74,27 @@ class _PrefixDecoder:
         self.v = [torch.zeros((rows, Hkv, max_new, D), device=dev, dtype=dt) for _ in self.lm.layers]
         self.rows = rows
 
-    def step(self, tokens: torch.Tensor, t: int, positions: torch.Tensor) -> torch.Tensor:
-        """Feed suffix token ``t`` of every row (R,) at ``positions`` (R,); final hidden states (R, H)."""
+    def rotary_table(self, first: torch.Tensor, T: int, dtype: torch.dtype):
+        """cos/sin of every decode position of every row, computed once: (R, T, D) each."""
+        R = self.rows
+        pos = (first[:, None] + torch.arange(T, device=first.device)[None]).view(1, R, T).expand(3, R, T)
+        probe = torch.zeros((R, T, 1), dtype=dtype, device=first.device)
+        self.cos, self.sin = self.lm.rotary_emb(probe, pos)
+
+    @staticmethod
+    def _norm(norm, x):
+        """The model's RMSNorm (fp32 statistics, weight applied in the input dtype) as one fused op."""
+        y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon)
+        return norm.weight * y.to(x.dtype)
+
+    def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        """Feed suffix token ``t`` of every row (R,); final hidden states (R, H)."""
         R = self.rows
         x = self.lm.embed_tokens(tokens)[:, None]                                   # (R, 1, H)
-        pos = positions.view(1, R, 1).expand(3, R, 1)
-        cos, sin = self.lm.rotary_emb(x, pos)
+        cos, sin = self.cos[:, t:t + 1], self.sin[:, t:t + 1]
         for i, layer in enumerate(self.lm.layers):
             a = layer.self_attn
-            h = layer.input_layernorm(x)
+            h = self._norm(layer.input_layernorm, x)
             q = a.q_proj(h).view(R, 1, -1, a.head_dim).transpose(1, 2)             # (R, Hq, 1, D)
             k = a.k_proj(h).view(R, 1, -1, a.head_dim).transpose(1, 2)             # (R, Hkv, 1, D)
             v = a.v_proj(h).view(R, 1, -1, a.head_dim).transpose(1, 2)
@@ -93,8 +105,8 @@ class _PrefixDecoder:
             o = cascade_attention(q[:, :, 0], pk, pv, self.prefix_len, self.k[i], self.v[i], t + 1,
                                   scale=a.scaling)                                   # (R, Hq, D)
             x = x + a.o_proj(o.reshape(R, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm.norm(x)[:, 0]
+            x = x + layer.mlp(self._norm(layer.post_attention_layernorm, x))
+        return self._norm(self.lm.norm, x)[:, 0]
 
 
 def _pad_prefixes(per_prompt: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -145,7 +157,7 @@ def shared_prefix_rollout(model, tokenizer, prompts: Sequence[Prompt], cfg,
         dec = _PrefixDecoder(model, _pad_prefixes(kvs), lens, R, T)
         del kvs
         h = torch.stack(last).repeat_interleave(G, dim=0)                           # (R, H)
-        row_pos = torch.tensor(p_next, device=device).repeat_interleave(G)          # (R,)
+        dec.rotary_table(torch.tensor(p_next, device=device).repeat_interleave(G), T, h.dtype)  # row r, step t: p_next + t
         tokens = torch.zeros((R, T), dtype=torch.long, device=device)
         lps = torch.zeros((R, T), dtype=torch.float32, device=device)
         done = torch.zeros(R, dtype=torch.bool, device=device)
@@ -164,7 +176,7 @@ def shared_prefix_rollout(model, tokenizer, prompts: Sequence[Prompt], cfg,
             if bool(done.all()) or t == T - 1:
                 n_steps = t + 1
                 break
-            h = dec.step(nxt, t, row_pos + t)
+            h = dec.step(nxt, t)
     finally:
         model.train(was_training)
     # 3. cut each sample at its first EOS
