@@ -44,6 +44,16 @@ except ImportError:  # pragma: no cover
 if _HAS_TRITON:
 
     @triton.jit
+    def _online_softmax_step(q, k, v, col_ok, m_i, l_i, acc, scale):
+        """One key block of flash attention: running max m_i, normaliser l_i, unnormalised acc."""
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p, v)
+
+    @triton.jit
     def _prefix_phase_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, lse_ptr, G, HKV, M, D, GROUPS, scale,
                              s_qr, s_qh, s_kb, s_kh, s_kp, s_ob, s_om, s_lb,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -70,14 +80,7 @@ if _HAS_TRITON:
             kv_mask = col_ok[:, None] & (dd[None, :] < D)
             k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
             v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * scale
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p, v)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(q, k, v, col_ok, m_i, l_i, acc, scale)
         o = acc / l_i[:, None]
         tl.store(o_ptr + bh * s_ob + rows[:, None] * s_om + dd[None, :], o, mask=row_ok[:, None] & (dd[None, :] < D))
         tl.store(lse_ptr + bh * s_lb + rows, m_i + tl.log(l_i), mask=row_ok)
@@ -107,14 +110,7 @@ if _HAS_TRITON:
             kv_mask = col_ok[:, None] & (dd[None, :] < D)
             k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
             v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * scale
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p, v)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(q, k, v, col_ok, m_i, l_i, acc, scale)
         # merge with the prefix phase's (o_p, lse_p) of the same query rows
         rows = g * GROUPS + gi
         bh = b * HKV + h
