@@ -50,6 +50,7 @@ setup(
             "bert-score>=0.3.13",  # the reference the BERTScore accuracy reward is tested against
             "sentence-transformers>=3",  # the reference the PCG safeguard's embedder is tested against
             "rouge-score>=0.1.2",  # the reference the ROUGE-L accuracy fallback is tested against
+            "tensorboard>=2.16",  # log.tensorboard is tested
         ],
         "video": ["nvidia-dali-cuda130>=2.4,<2.5"],
         "gpu": ["flash-attn>=2.7"],

@@ -284,3 +284,17 @@ def test_lr_schedule_in_metrics(env, tmp_path):
     assert lrs == pytest.approx(expected)
     assert lrs[0] == pytest.approx(0.005) and lrs[1] == pytest.approx(0.01)
     assert lrs[3] == pytest.approx(0.01 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 3))))
+
+
+def test_tensorboard_scalars(env, tmp_path):
+    """log.tensorboard = true writes every numeric metric of every step as a TensorBoard scalar."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    hist = Trainer(cfg_for(env, out, "train.steps=2", "rollout.group_size=2", "log.tensorboard=true",
+                           "train.checkpoint_every=0")).train()
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss", "kl", "reward/total", "reward/format", "time/step_s"} <= tags
+    assert [e.value for e in acc.Scalars("loss")] == pytest.approx([m["loss"] for m in hist])
