@@ -298,3 +298,44 @@ def test_tensorboard_scalars(env, tmp_path):
     tags = set(acc.Tags()["scalars"])
     assert {"loss", "kl", "reward/total", "reward/format", "time/step_s"} <= tags
     assert [e.value for e in acc.Scalars("loss")] == pytest.approx([m["loss"] for m in hist])
+
+
+def test_precompute_fills_video_and_clip_caches_so_training_decodes_nothing(env, tmp_path):
+    """`fastebm data precompute RECORDS --config RECIPE` decodes every clip once and embeds its CLIP
+    frames; a run with that video.cache_dir then decodes no clip and runs no CLIP image pass."""
+    from fastebm.data.precompute import clip_embedder, precompute, video_paths
+    from fastebm.data.sample import write_sample_dataset
+    from fastebm.data.video import decode_stats, reset_decode_stats
+
+    src = write_sample_dataset(env["data"])
+    cache = str(tmp_path / "cache")
+    cfg = cfg_for(env, tmp_path / "run", "train.steps=2", "rollout.group_size=2", f"video.cache_dir={cache}")
+    from fastebm.config import to_toml
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(to_toml(cfg))
+    paths = video_paths(src["train"])
+    res = precompute(paths, cfg.video, num_workers=0, clip=clip_embedder(str(recipe), cache))
+    assert res["decoded"] == len(paths) and res["clip_embedded"] == len(paths) and not res["skipped"]
+
+    t = Trainer(cfg)
+    calls = []
+    model = t.rewards["clip"].model
+    orig = model.encode_frames
+    model.encode_frames = lambda clips: calls.append(len(clips)) or orig(clips)
+    reset_decode_stats()
+    t.train()
+    st = decode_stats()
+    assert st["decodes"] == 0 and st["cache_hits"] == 4
+    # The trainer's CLIP reward finds every clip's frame embeddings in the precomputed cache (the
+    # random policy rarely writes a <vision> block, so ask the reward's cache directly) ...
+    from fastebm.data.video import load_video_sample
+    from fastebm.rewards.clip import FrameEmbeddingCache, frame_embeddings
+
+    clips = [load_video_sample(p, cfg.video, **t._video_sample_kwargs).clip_frames for p in paths[:5]]
+    frame_embeddings(model, t.rewards["clip"].cache, clips)
+    assert calls == []
+    # ... which an empty cache does not (the control)
+    frame_embeddings(model, FrameEmbeddingCache(model.key, str(tmp_path / "empty")), clips)
+    assert calls == [5]
+    t.close()

@@ -6,8 +6,9 @@ Every distinct video of the records is decoded once (policy and CLIP frames, wit
 ``[video]`` sampling parameters, which are part of the cache key: precompute with the recipe you
 train with) and stored in ``--cache-dir`` (default: the recipe's ``video.cache_dir``). Clips
 already cached are only hashed. Bad files are reported (``--skipped FILE`` writes them as JSONL,
-the same fields as the trainer's skipped.jsonl) and do not stop the run. CLIP frame embeddings
-join the cache once the CLIP reward exists.
+the same fields as the trainer's skipped.jsonl) and do not stop the run. When the recipe
+(``--config``) enables the ``clip`` reward, each clip's CLIP frame embeddings are computed too and
+stored beside the clips (``CACHE_DIR/clip_embeddings``), where the reward looks first.
 """
 from __future__ import annotations
 
@@ -61,21 +62,52 @@ def video_paths(records_path: str, video_root: str = "") -> list[str]:
     return out
 
 
-def precompute(paths: list[str], cfg, num_workers: int | None = None) -> dict:
-    """Decode-and-cache ``paths``; returns {"decoded": n, "cached": n, "skipped": [{"video", "reason"}]}."""
+def precompute(paths: list[str], cfg, num_workers: int | None = None, clip=None) -> dict:
+    """Decode-and-cache ``paths``; returns {"decoded": n, "cached": n, "skipped": [{"video", "reason"}],
+    "clip_embedded": n}. ``clip``: optional (ClipModel, FrameEmbeddingCache) to embed each clip's CLIP
+    frames too (in batches of 8 clips: one image-tower pass each)."""
     from fastebm.data.video import VideoError, decode_stats, reset_decode_stats
     from fastebm.data.video.loader import VideoPrefetcher
 
     if not cfg.cache_dir:
         raise ValueError("precompute needs a cache directory: --cache-dir or video.cache_dir")
     reset_decode_stats()
-    skipped = []
+    skipped, pending, embedded = [], [], 0
+
+    def embed():
+        nonlocal embedded
+        if clip is not None and pending:
+            from fastebm.rewards.clip import frame_embeddings
+
+            frame_embeddings(clip[0], clip[1], pending)
+            embedded += len(pending)
+        pending.clear()
+
     with VideoPrefetcher(paths, cfg, num_workers=num_workers) as pf:
         for path, item in pf:
             if isinstance(item, VideoError):
                 skipped.append({"video": path, "reason": item.reason})
+                continue
+            pending.append(item.clip_frames)
+            if len(pending) >= 8:
+                embed()
+    embed()
     st = decode_stats()
-    return {"decoded": st["decodes"], "cached": st["cache_hits"], "skipped": skipped}
+    return {"decoded": st["decodes"], "cached": st["cache_hits"], "skipped": skipped, "clip_embedded": embedded}
+
+
+def clip_embedder(config_path: str, cache_dir: str):
+    """(ClipModel, FrameEmbeddingCache) when the recipe enables the clip reward, else None."""
+    if not config_path:
+        return None
+    from fastebm.config import load_config
+    from fastebm.rewards.clip import FrameEmbeddingCache, build_clip_model
+
+    full = load_config(config_path)
+    if "clip" not in full.rewards.enabled:
+        return None
+    model = build_clip_model(full.rewards.clip, full.model.tiny_cache_dir)
+    return model, FrameEmbeddingCache(model.key, cache_dir)
 
 
 def run(args) -> int:
@@ -87,10 +119,11 @@ def run(args) -> int:
         return 2
     paths = video_paths(args.records, args.video_root)
     t0 = time.monotonic()
-    res = precompute(paths, cfg, args.workers)
+    res = precompute(paths, cfg, args.workers, clip=clip_embedder(args.config, cfg.cache_dir))
     dt = time.monotonic() - t0
     print(f"{len(paths)} videos: {res['decoded']} decoded, {res['cached']} already cached, "
-          f"{len(res['skipped'])} skipped, {dt:.1f}s -> {os.path.expanduser(cfg.cache_dir)}")
+          f"{len(res['skipped'])} skipped, {res['clip_embedded']} CLIP-embedded, {dt:.1f}s -> "
+          f"{os.path.expanduser(cfg.cache_dir)}")
     for s in res["skipped"]:
         print(f"  skipped {s['video']}: {s['reason']}")
     if args.skipped:

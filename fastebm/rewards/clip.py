@@ -131,6 +131,30 @@ class FrameEmbeddingCache:
             self.mem.popitem(last=False)
 
 
+def frame_embeddings(model: ClipModel, cache: FrameEmbeddingCache, clips: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per clip (K, H, W, 3 uint8 frames), its (K, D) frame embeddings: from the cache, the missing
+    ones computed in one image-tower pass and cached."""
+    keys = [cache.key(c) for c in clips]
+    frames = [cache.get(k) for k in keys]
+    missing = [j for j, f in enumerate(frames) if f is None]
+    if missing:
+        for j, emb in zip(missing, model.encode_frames([clips[j] for j in missing])):
+            cache.put(keys[j], emb)
+            frames[j] = emb.to("cpu")
+    return frames
+
+
+def build_clip_model(clip_cfg, tiny_cache_dir: str, device="cpu") -> ClipModel:
+    """The ``[rewards.clip]`` model: local open_clip weights, or the tiny random one."""
+    if clip_cfg.tiny:
+        from fastebm.rewards.tiny import ensure_tiny_clip
+
+        model_name, weights = ensure_tiny_clip(tiny_cache_dir)
+    else:
+        model_name, weights = clip_cfg.model, clip_cfg.pretrained
+    return ClipModel(model_name, weights, device)
+
+
 def clip_scores(model: ClipModel, cache: FrameEmbeddingCache, texts: list[str], clips: list[torch.Tensor],
                 clip_of: list[int], mode: str = "max", topk_ratio: float = 0.2) -> list[float]:
     """Score ``texts[i]`` against ``clips[clip_of[i]]``; empty texts score 0."""
@@ -138,15 +162,8 @@ def clip_scores(model: ClipModel, cache: FrameEmbeddingCache, texts: list[str], 
     valid = [i for i, t in enumerate(texts) if t]
     if not valid:
         return out
-    # Frame embeddings: cached per clip; the missing ones in one image-tower pass.
     needed = sorted({clip_of[i] for i in valid})
-    keys = {c: cache.key(clips[c]) for c in needed}
-    frames = {c: cache.get(keys[c]) for c in needed}
-    missing = [c for c in needed if frames[c] is None]
-    if missing:
-        for c, emb in zip(missing, model.encode_frames([clips[c] for c in missing])):
-            cache.put(keys[c], emb)
-            frames[c] = emb.to("cpu")
+    frames = dict(zip(needed, frame_embeddings(model, cache, [clips[c] for c in needed])))
     dev = model.device
     if mode == "max":
         t = model.encode_text([texts[i] for i in valid])  # (n, D): the step's one text pass
@@ -170,13 +187,7 @@ def clip_scores(model: ClipModel, cache: FrameEmbeddingCache, texts: list[str], 
 @register("clip")
 def make_clip_reward(cfg, context):
     c = cfg.clip
-    if c.tiny:
-        from fastebm.rewards.tiny import ensure_tiny_clip
-
-        model_name, weights = ensure_tiny_clip(context.tiny_cache_dir)
-    else:
-        model_name, weights = c.model, c.pretrained
-    model = ClipModel(model_name, weights, context.device)
+    model = build_clip_model(c, context.tiny_cache_dir, context.device)
     cache = FrameEmbeddingCache(model.key, context.video_cache_dir)
     vision_tag = context.tags[0]
 
