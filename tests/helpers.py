@@ -36,3 +36,11 @@ def make_prompt(lm, video, record_index: int = 0, history: int = 0):
     ids = encode_prompt(lm.tokenizer, build_messages(rec, "A profile.", max_history_turns=history),
                         video.num_video_tokens)
     return Prompt(ids, video)
+
+
+def inputs_for(records, prompts, G):
+    """RewardInputs of prompts (fastebm.model.forward.Prompt) with G completions each."""
+    from fastebm.rewards import RewardInputs
+
+    return RewardInputs(records=list(records), group_size=G, videos=[p.video for p in prompts],
+                        prompt_ids=[p.ids for p in prompts])

@@ -42,13 +42,6 @@ def prompts(teacher, videos):
     return [make_prompt(teacher, videos[0], 0, history=1), make_prompt(teacher, videos[1], 1)]
 
 
-def inputs_for(records, prompts, G):
-    from fastebm.rewards import RewardInputs
-
-    return RewardInputs(records=list(records), group_size=G, videos=[p.video for p in prompts],
-                        prompt_ids=[p.ids for p in prompts])
-
-
 class Counter:
     """Wraps a module's forward (or any method) and counts calls."""
 

@@ -7,7 +7,7 @@ from fastebm.rewards import RewardContext, build_rewards
 from fastebm.rewards.accuracy import BertScorer, default_num_layers
 from fastebm.rewards.tiny import ensure_tiny_bert
 
-from conftest import inputs_for
+from helpers import inputs_for
 
 CANDS = ["Stay behind me, Harry.", "We must go now!", "hello there friend", "a", "The tide is turning."]
 REFS = ["Stay close to me.", "we go now", "the dark lord rises", "Harry", "The tide is turning, we have an hour."]

@@ -10,7 +10,7 @@ from fastebm.rewards import RewardContext, build_rewards
 from fastebm.rewards.text import clip_sentences
 from fastebm.rewards.tiny import ensure_tiny_clip
 
-from conftest import inputs_for
+from helpers import inputs_for
 
 COMPS = [
     "<vision>A red square moves left. Two figures argue by the door!\n1. A wand on the table</vision><think>t</think>",

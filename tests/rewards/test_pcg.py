@@ -8,7 +8,7 @@ from fastebm.rewards import RewardContext, build_rewards
 from fastebm.rewards.pcg import SentenceEmbedder, safeguard_blocks
 from fastebm.rewards.text import split_sentences, vision_think_blocks
 
-from conftest import inputs_for
+from helpers import inputs_for
 
 
 def comps_for(ref):
