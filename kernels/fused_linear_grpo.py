@@ -23,13 +23,9 @@ from typing import Optional
 
 import torch
 
-from fastebm.grpo.loss import LOSS_TYPES, grpo_loss_from_logps, grpo_loss_reference
+from fastebm.grpo.loss import LOSS_TYPES, grpo_loss_from_logps, grpo_loss_reference, loss_metrics
 
 from .fused_linear_logprobs import linear_logprobs, token_logprobs
-
-
-def _metrics(out) -> dict:
-    return {"per_token_logps": out.per_token_logps, "kl": out.kl, "clip_ratio": out.clip_ratio}
 
 
 def _validate(hidden, weight, token_ids, mask, advantages, loss_type, max_completion_length):
@@ -67,7 +63,7 @@ def fused_linear_grpo_loss(hidden, weight, selected_token_ids, attention_mask, a
         importance_sampling_level=importance_sampling_level, delta=delta,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
         vllm_is_ratio=vllm_is_ratio)
-    return out.loss, _metrics(out)
+    return out.loss, loss_metrics(out)
 
 
 def fused_linear_grpo_loss_ref(hidden, weight, selected_token_ids, attention_mask, advantages,
@@ -89,7 +85,7 @@ def fused_linear_grpo_loss_ref(hidden, weight, selected_token_ids, attention_mas
         temperature=temperature, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
         delta=delta, max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
         vllm_is_ratio=vllm_is_ratio)
-    return out.loss, _metrics(out)
+    return out.loss, loss_metrics(out)
 
 
 def _world_size() -> int:

@@ -48,6 +48,24 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _logit_tile(X, W, BIAS, rows64, row_ok, cols, cols64, col_ok, H, stride_xn, stride_wv,
+                HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_V) fp32 tile of hidden @ weight.T (+ bias), accumulated over H in registers:
+    computed in the forward and recomputed, identically, in the backward."""
+    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        x = tl.load(X + rows64[:, None] * stride_xn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W + cols64[:, None] * stride_wv + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _dot(x, tl.trans(w), acc, UPCAST_DOT, DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _linear_logprob_fwd_kernel(
     X, W, BIAS, IDS,                      # (N, H), (V, H), (V,) or dummy, (N,)
     M_OUT, L_OUT, SEL_OUT, T_OUT,         # partials, each (SPLITS, N) fp32
@@ -72,17 +90,8 @@ def _linear_logprob_fwd_kernel(
         cols = v_begin + vt * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         cols64 = cols.to(tl.int64)
-        acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < H
-            x = tl.load(X + rows64[:, None] * stride_xn + ks[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(W + cols64[:, None] * stride_wv + ks[None, :],
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _dot(x, tl.trans(w), acc, UPCAST_DOT, DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc = _logit_tile(X, W, BIAS, rows64, row_ok, cols, cols64, col_ok, H, stride_xn, stride_wv,
+                          HAS_BIAS, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
         z = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))  # (BLOCK_M, BLOCK_V) in registers
         # The first tile of every split holds a valid column, so m_new is finite from here on.
         m_new = tl.maximum(m_i, tl.max(z, 1))
@@ -125,17 +134,8 @@ def _linear_logprob_bwd_kernel(
         ids = tl.load(IDS + rows, mask=row_ok, other=-1)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
 
-        acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < H
-            x = tl.load(X + rows64[:, None] * stride_xn + ks[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(W + cols64[:, None] * stride_wv + ks[None, :],
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _dot(x, tl.trans(w), acc, UPCAST_DOT, DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc = _logit_tile(X, W, BIAS, rows64, row_ok, cols, cols64, col_ok, H, stride_xn, stride_wv,
+                          HAS_BIAS, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
         p = tl.exp(acc * inv_t - lse[:, None])
         onehot = tl.where(cols[None, :] == ids[:, None], 1.0, 0.0)
         # d loss / d (x . w): the temperature's 1/T and the upstream per-token scalar folded in.

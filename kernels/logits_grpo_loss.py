@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastebm.grpo.loss import LOSS_TYPES, grpo_loss_from_logps
+from fastebm.grpo.loss import LOSS_TYPES, grpo_loss_from_logps, loss_metrics
 
 from ._backend import resolve_backend, triton_interpreted
 
@@ -193,7 +193,7 @@ def grpo_loss(logits, selected_token_ids, attention_mask, advantages, old_per_to
         importance_sampling_level=importance_sampling_level, delta=delta,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
         vllm_is_ratio=vllm_is_ratio)
-    return out.loss, {"per_token_logps": out.per_token_logps, "kl": out.kl, "clip_ratio": out.clip_ratio}
+    return out.loss, loss_metrics(out)
 
 
 def grpo_loss_ref(logits, selected_token_ids, attention_mask, advantages, old_per_token_logps=None,
@@ -213,4 +213,4 @@ def grpo_loss_ref(logits, selected_token_ids, attention_mask, advantages, old_pe
         importance_sampling_level=importance_sampling_level, delta=delta,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
         vllm_is_ratio=vllm_is_ratio)
-    return out.loss, {"per_token_logps": out.per_token_logps, "kl": out.kl, "clip_ratio": out.clip_ratio}
+    return out.loss, loss_metrics(out)

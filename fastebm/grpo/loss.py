@@ -117,6 +117,11 @@ def reduce_grpo_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
+def loss_metrics(out: LossOutput) -> dict:
+    """The kernels' ``(loss, metrics)`` contract: per-token fp32 log-probs, mean KL, clip ratio."""
+    return {"per_token_logps": out.per_token_logps, "kl": out.kl, "clip_ratio": out.clip_ratio}
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(torch.float32)
     return (x.float() * m).sum() / m.sum().clamp(min=1.0)

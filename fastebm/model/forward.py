@@ -11,7 +11,7 @@ The shared-prefix forward replaces it behind the same signature.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -22,6 +22,8 @@ class Prompt:
     """One prompt: its token ids and its video (a fastebm.data.video.VideoSample)."""
     ids: list[int]
     video: object
+    positions: dict = field(default_factory=dict, repr=False, compare=False)
+    """Its M-RoPE positions per (position scheme, device), computed once per step, not once per pass."""
 
 
 @dataclass

@@ -30,10 +30,14 @@ def prefix_positions(model, prompt: Prompt, device) -> tuple[torch.Tensor, int]:
     The one function every shared-prefix pass (rollout, scoring, training) uses: suffix token t
     sits at ``p_next + t``.
     """
-    ids = torch.tensor([prompt.ids], device=device)
-    v = video_inputs([prompt.video], device)
-    pos = mrope_positions(model, ids, torch.ones_like(ids), v["video_grid_thw"], v["second_per_grid_ts"])
-    return pos[:, 0], int(pos.max()) + 1
+    vc = model.config.vision_config
+    key = (model.config.model_type, vc.spatial_merge_size, getattr(vc, "tokens_per_second", None), str(device))
+    if key not in prompt.positions:  # rollout, scoring, PCG and training passes share one computation
+        ids = torch.tensor([prompt.ids], device=device)
+        v = video_inputs([prompt.video], device)
+        pos = mrope_positions(model, ids, torch.ones_like(ids), v["video_grid_thw"], v["second_per_grid_ts"])
+        prompt.positions[key] = (pos[:, 0], int(pos.max()) + 1)
+    return prompt.positions[key]
 
 
 def pack_groups(prompt_index: Sequence[int]) -> list[tuple[int, list[int]]]:
