@@ -15,9 +15,12 @@ run.seed, step and the prompt's global index), so a prompt's samples do not depe
 prompts in the batch or on how prompts are spread over ranks.
 
 Positions continue from the prefix with ``fastebm.model.prefix.prefix_positions`` (suffix token t
-at ``p_next + t``), the function the packed scoring and training forwards use too. The decode loop
-calls the model's own modules (embedding, norms, projections, MLP, rotary embedding), so the
-arithmetic is the model's; only the attention's memory layout differs.
+at ``p_next + t``), the function the packed scoring and training forwards use too. The prefill is
+the model's own forward; the decode step is the model's decoder layer written out on the layer's
+own weights (the model's ``rotary_emb`` gives every step's cos/sin once per rollout): with a few
+rows per step the cost is per-op overhead, so the step avoids module calls and, on the CPU, runs
+q/k/v and gate/up as one matmul each (``_LayerWeights``). Tests hold it to the model's forward:
+the same greedy tokens as ``generate`` and log-probs within 1e-4 of the scoring forward.
 
 The sampled tokens' log-probs (at the sampling temperature) come back with the rollout: they are
 the old policy's log-probs, computed on the rollout's prefix cache, so ``grpo.mu > 1`` needs no
@@ -25,10 +28,10 @@ extra forward.
 """
 from __future__ import annotations
 
-import sys
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from fastebm.kernels.cascade_attention import cascade_attention
 from fastebm.model.forward import Prompt, lm_head_weight, video_inputs
@@ -56,57 +59,118 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm (fp32 statistics, weight applied in the input dtype); fp32 in one op."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _add_linear(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x + y @ weight.T`` (a residual add after a bias-free projection): one ``addmm`` in fp32; in
+    low precision the projection is rounded first, as the model's own forward does."""
+    if x.dtype == torch.float32:
+        return torch.addmm(x, y, weight.t())
+    return x + F.linear(y, weight)
+
+
+class _LayerWeights:
+    """One decoder layer's weights, read from the model's modules (FSDP-gathered ones included).
+
+    ``fuse``: q/k/v and gate/up are concatenated once per rollout into one matrix each, so a decode
+    step runs 4 matmuls per layer instead of 7. This copies those weights; it is done on the CPU,
+    where a decode step with a few rows is bound by per-op overhead, not on CUDA (no extra memory).
+    """
+
+    def __init__(self, layer, fuse: bool):
+        a, mlp = layer.self_attn, layer.mlp
+        self.ln1 = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        self.ln2 = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        self.head_dim, self.scaling = a.head_dim, a.scaling
+        self.n_q = a.q_proj.out_features // a.head_dim
+        self.n_kv = a.k_proj.out_features // a.head_dim
+        self.q, self.k, self.v = a.q_proj, a.k_proj, a.v_proj
+        self.o = a.o_proj.weight
+        self.gate, self.up, self.down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        self.act = mlp.act_fn
+        self.qkv_t = self.qkv_b = self.gate_up = None
+        if fuse:
+            self.qkv_t = torch.cat([self.q.weight, self.k.weight, self.v.weight]).t().contiguous()
+            self.qkv_b = torch.cat([self._bias(m) for m in (self.q, self.k, self.v)])
+            self.gate_up = torch.cat([self.gate, self.up])
+
+    @staticmethod
+    def _bias(lin):
+        return lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+
+    def qkv(self, h: torch.Tensor):
+        """(R, H) -> q and k as one (R, Hq + Hkv, D) tensor (rotated together), v (R, Hkv, D)."""
+        R, D, nq, nkv = h.shape[0], self.head_dim, self.n_q, self.n_kv
+        if self.qkv_t is not None:
+            qkv = torch.addmm(self.qkv_b, h, self.qkv_t).view(R, nq + 2 * nkv, D)
+            return qkv[:, :nq + nkv], qkv[:, nq + nkv:]
+        qk = torch.cat([F.linear(h, self.q.weight, self.q.bias), F.linear(h, self.k.weight, self.k.bias)], -1)
+        return qk.view(R, nq + nkv, D), F.linear(h, self.v.weight, self.v.bias).view(R, nkv, D)
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            g, u = F.linear(h, self.gate_up).chunk(2, dim=-1)
+        else:
+            g, u = F.linear(h, self.gate), F.linear(h, self.up)
+        return self.act(g) * u
+
+
 class _PrefixDecoder:
-    """The model's text decoder run one token at a time for B*G samples against B cached prefixes."""
+    """The model's text decoder run one token at a time for B*G samples against B cached prefixes.
+
+    The step is the model's decoder layer (pre-norm attention and MLP with residuals; the rotary
+    embedding of the model's own ``rotary_emb``) written out on the layer's weights, without
+    module calls or per-step position computation: rows are few, so per-op overhead is the cost.
+    """
 
     def __init__(self, model, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], prefix_len: list[int],
-                 rows: int, max_new: int):
+                 rows: int, max_new: int, fuse: Optional[bool] = None):
         self.model = model
         self.lm = model.model.language_model
-        attn0 = self.lm.layers[0].self_attn
-        self.rope = sys.modules[type(attn0).__module__].apply_rotary_pos_emb
         self.prefix_kv = prefix_kv                                    # per layer: (B, Hkv, Pmax, D) each
         self.prefix_len = prefix_len
         _, Hkv, _, D = prefix_kv[0][0].shape
         dev, dt = prefix_kv[0][0].device, prefix_kv[0][0].dtype
+        fuse = dev.type == "cpu" if fuse is None else fuse
+        self.layers = [_LayerWeights(layer, fuse) for layer in self.lm.layers]
+        self.embed, self.norm = self.lm.embed_tokens.weight, (self.lm.norm.weight, self.lm.norm.variance_epsilon)
         # static per-sample suffix buffers: (B*G, Hkv, max_new, D) per layer
         self.k = [torch.zeros((rows, Hkv, max_new, D), device=dev, dtype=dt) for _ in self.lm.layers]
         self.v = [torch.zeros((rows, Hkv, max_new, D), device=dev, dtype=dt) for _ in self.lm.layers]
         self.rows = rows
 
     def rotary_table(self, first: torch.Tensor, T: int, dtype: torch.dtype):
-        """cos/sin of every decode position of every row, computed once: (R, T, D) each."""
+        """cos/sin of every decode position of every row, computed once with the model's
+        ``rotary_emb``: (R, T, 1, D) each. The rotation x*cos + rotate_half(x)*sin is applied as
+        x*cos + roll(x, D/2)*sin_signed, sin_signed = [-sin_1 ; sin_2] (the same products)."""
         R = self.rows
         pos = (first[:, None] + torch.arange(T, device=first.device)[None]).view(1, R, T).expand(3, R, T)
         probe = torch.zeros((R, T, 1), dtype=dtype, device=first.device)
-        self.cos, self.sin = self.lm.rotary_emb(probe, pos)
-
-    @staticmethod
-    def _norm(norm, x):
-        """The model's RMSNorm (fp32 statistics, weight applied in the input dtype) as one fused op."""
-        y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon)
-        return norm.weight * y.to(x.dtype)
+        cos, sin = self.lm.rotary_emb(probe, pos)
+        half = sin.shape[-1] // 2
+        self.cos = cos[:, :, None].contiguous()
+        self.sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, :, None].contiguous()
 
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
         """Feed suffix token ``t`` of every row (R,); final hidden states (R, H)."""
-        R = self.rows
-        x = self.lm.embed_tokens(tokens)[:, None]                                   # (R, 1, H)
-        cos, sin = self.cos[:, t:t + 1], self.sin[:, t:t + 1]
-        for i, layer in enumerate(self.lm.layers):
-            a = layer.self_attn
-            h = self._norm(layer.input_layernorm, x)
-            q = a.q_proj(h).view(R, 1, -1, a.head_dim).transpose(1, 2)             # (R, Hq, 1, D)
-            k = a.k_proj(h).view(R, 1, -1, a.head_dim).transpose(1, 2)             # (R, Hkv, 1, D)
-            v = a.v_proj(h).view(R, 1, -1, a.head_dim).transpose(1, 2)
-            q, k = self.rope(q, k, cos, sin)
-            self.k[i][:, :, t] = k[:, :, 0]
-            self.v[i][:, :, t] = v[:, :, 0]
+        x = F.embedding(tokens, self.embed)                                         # (R, H)
+        cos, sin = self.cos[:, t], self.sin[:, t]                                   # (R, 1, D)
+        for i, w in enumerate(self.layers):
+            qk, v = w.qkv(_rms_norm(x, *w.ln1))                                     # (R, Hq+Hkv, D), (R, Hkv, D)
+            qk = qk * cos + qk.roll(w.head_dim // 2, dims=-1) * sin
+            self.k[i][:, :, t] = qk[:, w.n_q:]
+            self.v[i][:, :, t] = v
             pk, pv = self.prefix_kv[i]
-            o = cascade_attention(q[:, :, 0], pk, pv, self.prefix_len, self.k[i], self.v[i], t + 1,
-                                  scale=a.scaling)                                   # (R, Hq, D)
-            x = x + a.o_proj(o.reshape(R, 1, -1))
-            x = x + layer.mlp(self._norm(layer.post_attention_layernorm, x))
-        return self._norm(self.lm.norm, x)[:, 0]
+            o = cascade_attention(qk[:, :w.n_q], pk, pv, self.prefix_len, self.k[i], self.v[i], t + 1,
+                                  scale=w.scaling)                                   # (R, Hq, D)
+            x = _add_linear(x, o.reshape(x.shape[0], -1), w.o)
+            x = _add_linear(x, w.mlp(_rms_norm(x, *w.ln2)), w.down)
+        return _rms_norm(x, *self.norm)
 
 
 def _pad_prefixes(per_prompt: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -121,10 +185,12 @@ def _pad_prefixes(per_prompt: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> 
 
 @torch.no_grad()
 def shared_prefix_rollout(model, tokenizer, prompts: Sequence[Prompt], cfg,
-                          seeds: Optional[Sequence[int]] = None) -> RolloutResult:
+                          seeds: Optional[Sequence[int]] = None, fuse: Optional[bool] = None) -> RolloutResult:
     """Same contract as ``fastebm.model.rollout.rollout`` (``cfg``: the ``[rollout]`` section).
 
     ``seeds``: one sampling seed per prompt (default: drawn from torch's global generator).
+    ``fuse``: concatenate the q/k/v and gate/up weights for the decode loop (default: on the CPU
+    only; see ``_LayerWeights``).
     """
     device = next(model.parameters()).device
     B, G, T = len(prompts), cfg.group_size, cfg.max_new_tokens
@@ -154,7 +220,7 @@ def shared_prefix_rollout(model, tokenizer, prompts: Sequence[Prompt], cfg,
             lens.append(len(prompt.ids))
             p_next.append(nxt_pos)
             last.append(out.last_hidden_state[0, -1])
-        dec = _PrefixDecoder(model, _pad_prefixes(kvs), lens, R, T)
+        dec = _PrefixDecoder(model, _pad_prefixes(kvs), lens, R, T, fuse=fuse)
         del kvs
         h = torch.stack(last).repeat_interleave(G, dim=0)                           # (R, H)
         dec.rotary_table(torch.tensor(p_next, device=device).repeat_interleave(G), T, h.dtype)  # row r, step t: p_next + t

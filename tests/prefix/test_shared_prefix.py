@@ -31,20 +31,22 @@ def test_pack_groups_keeps_order():
     assert pack_groups([0, 0, 1, 0, 2]) == [(0, [0, 1, 3]), (1, [2]), (2, [4])]
 
 
-def test_greedy_rollouts_identical(setup):
+@pytest.mark.parametrize("fuse", [False, True], ids=["model-weights", "fused-weights"])
+def test_greedy_rollouts_identical(setup, fuse):
     lm, prompts = setup
     cfg = RolloutConfig(group_size=4, temperature=0.0, max_new_tokens=12)
     a = rollout(lm.model, lm.tokenizer, prompts, cfg)
-    b = shared_prefix_rollout(lm.model, lm.tokenizer, prompts, cfg)
+    b = shared_prefix_rollout(lm.model, lm.tokenizer, prompts, cfg, fuse=fuse)
     assert a.completion_ids == b.completion_ids and a.truncated == b.truncated and a.texts == b.texts
     assert b.prefill_tokens == sum(len(p.ids) for p in prompts)  # the prefix runs once per prompt
 
 
-def test_logprobs_of_every_pass_agree(setup):
+@pytest.mark.parametrize("fuse", [False, True], ids=["model-weights", "fused-weights"])
+def test_logprobs_of_every_pass_agree(setup, fuse):
     lm, prompts = setup
     torch.manual_seed(0)
     cfg = RolloutConfig(group_size=3, temperature=1.0, max_new_tokens=10)
-    r = shared_prefix_rollout(lm.model, lm.tokenizer, prompts, cfg)
+    r = shared_prefix_rollout(lm.model, lm.tokenizer, prompts, cfg, fuse=fuse)
     assert r.prefill_tokens == sum(len(p.ids) for p in prompts)
     hf = rollout(lm.model, lm.tokenizer, prompts, cfg)
     assert hf.prefill_tokens == 3 * r.prefill_tokens  # generate() re-runs the prefix per sample
