@@ -366,9 +366,9 @@ class Trainer:
         if self.cfg.video.num_workers <= 0:
             return
         if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
+            from fastebm.data.video.api import decode_thread_pool
 
-            self._pool = ThreadPoolExecutor(self.cfg.video.num_workers, thread_name_prefix="fastebm-video")
+            self._pool = decode_thread_pool(self.cfg.video.num_workers)  # torch single-threaded in them
         from fastebm.data.video import load_video_sample
 
         for path in paths:

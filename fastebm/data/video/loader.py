@@ -67,6 +67,7 @@ def _process_main(wid: int, tasks, results, cfg, sizes: dict) -> None:
 
 
 def _thread_main(wid: int, tasks, results, cfg, sizes: dict, stop: threading.Event) -> None:
+    api.decode_thread_init()
     results.put((wid, None, _READY, None))
     while not stop.is_set():
         task = tasks.get()
@@ -131,6 +132,7 @@ class VideoPrefetcher:
         else:
             tasks = queue.Queue()
             stop = threading.Event()
+            api.keep_torch_threads()
             h = threading.Thread(target=_thread_main, args=(wid, tasks, self._results, self.cfg, self.sizes, stop),
                                  daemon=True, name=f"fastebm-video-{wid}")
             h.start()

@@ -1,0 +1,65 @@
+"""Decode threads run torch single-threaded and leave the calling thread's torch thread count alone.
+
+A decode thread with an OpenMP team of its own made the main thread's small ops 3-8x slower on the
+2-core dev machine (libgomp throttles its spin-wait once threads outnumber cores; see
+``fastebm.data.video.api.decode_thread_init``). Each check runs in a fresh interpreter, where the
+main thread has run no parallel op yet, the case in which a decode thread's
+``torch.set_num_threads(1)`` would otherwise become the main thread's count too.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(body: str) -> list[int]:
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(body)], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return [int(x) for x in out.stdout.split()]
+
+
+def test_deadline_worker_is_single_threaded_and_main_keeps_its_threads():
+    inner, main = _run("""
+        import torch
+        from fastebm.data.video import api
+        inner = api.run_with_deadline(torch.get_num_threads, 30.0, "x.mp4")
+        torch.randn(64, 64) @ torch.randn(64, 64)      # the main thread's first parallel op
+        print(inner, torch.get_num_threads())
+    """)
+    assert (inner, main) == (1, 2)
+
+
+@pytest.mark.parametrize("where", ["prefetcher", "trainer"])
+def test_decode_thread_pools_keep_main_threads(where, tmp_path):
+    clip = str(tmp_path / "a.webm")
+    if where == "prefetcher":
+        body = f"""
+            import torch
+            from fastebm.config import VideoConfig
+            from fastebm.data.synth import write_synthetic_clip
+            from fastebm.data.video.loader import VideoPrefetcher
+            write_synthetic_clip({clip!r}, codec="vp9", width=64, height=48, num_frames=8, fps=4)
+            with VideoPrefetcher([{clip!r}], VideoConfig(backend="pyav", timeout_s=0), num_workers=1,
+                                 worker_type="thread") as pf:
+                (path, sample), = list(pf)
+            assert not isinstance(sample, Exception), sample
+            torch.randn(64, 64) @ torch.randn(64, 64)
+            print(torch.get_num_threads())
+        """
+    else:  # the trainer's decode-ahead pool
+        body = """
+            import torch
+            from fastebm.data.video.api import decode_thread_pool
+            with decode_thread_pool(1) as pool:
+                inner = pool.submit(torch.get_num_threads).result()
+            torch.randn(64, 64) @ torch.randn(64, 64)
+            print(inner, torch.get_num_threads())
+        """
+    got = _run(body)
+    assert got == ([2] if where == "prefetcher" else [1, 2])
