@@ -86,7 +86,7 @@ def test_rollout(benchmark, model_and_video, no_eos, mode, ratio, G):
     fn = decode_mod.shared_prefix_rollout if mode == "shared" else rollout_mod.rollout
     benchmark.extra_info.update(phase="rollout", mode=mode, ratio=ratio, G=G, P=len(prompt.ids), S=S,
                                 device=str(DEV))
-    r = benchmark.pedantic(fn, args=(model, tok, [prompt], cfg), rounds=2, iterations=1, warmup_rounds=1)
+    r = benchmark.pedantic(fn, args=(model, tok, [prompt], cfg), rounds=5, iterations=1, warmup_rounds=1)
     assert all(len(c) == S for c in r.completion_ids)
 
 
@@ -106,7 +106,7 @@ def test_scoring(benchmark, model_and_video, mode, ratio, G):
         return scoring_logprobs(cb.hidden, W, cb.ids)
 
     benchmark.extra_info.update(phase="scoring", mode=mode, ratio=ratio, G=G, P=len(prompt.ids), S=S, device=str(DEV))
-    lp = benchmark.pedantic(score, rounds=3, iterations=1, warmup_rounds=1)
+    lp = benchmark.pedantic(score, rounds=5, iterations=1, warmup_rounds=1)
     assert lp.shape == (G, S)
 
 
@@ -141,8 +141,8 @@ def test_prefix_kv_memory_independent_of_G(model_and_video):
     sizes = {}
     orig = decode_mod._PrefixDecoder.__init__
 
-    def spy(self, m, prefix_kv, prefix_len, rows, max_new):
-        orig(self, m, prefix_kv, prefix_len, rows, max_new)
+    def spy(self, m, prefix_kv, prefix_len, rows, max_new, **kw):
+        orig(self, m, prefix_kv, prefix_len, rows, max_new, **kw)
         sizes[rows] = (sum(k.numel() + v.numel() for k, v in prefix_kv),
                     sum(k.numel() + v.numel() for k, v in zip(self.k, self.v)))
 
