@@ -2,11 +2,18 @@
 
     python -m pytest bench/test_bench_prefix.py --benchmark-group-by=param:phase,param:ratio,param:G
 
+Scoring and training run three ways: ``repeated``; ``shared-mask`` (the packed row through the
+model's attention with a dense block mask); ``shared`` (the packed row with block-by-block
+attention, the default). ``test_training_forward_memory`` records their peak memory.
+
 Prefix/suffix ratios 1, 4 and 16 and G = 4, 8, 16 with a suffix of S tokens. On the CPU: a small
 random Qwen2-VL (hidden 256, 4 layers; S = 16). On a GPU: a model of Qwen2-VL-2B's shape (hidden
 1536, 28 layers, 12 heads, 2 KV heads; S = 128). Both are built from a config with random weights.
 Rollout lengths are fixed (EOS is never a stop here) so both paths decode the same number of tokens.
 """
+
+import os
+import tempfile
 
 import pytest
 import torch
@@ -18,15 +25,18 @@ from fastebm.model import rollout as rollout_mod
 from fastebm.model.forward import Prompt, completion_hidden_states, lm_head_weight
 from fastebm.model.prefix import shared_prefix_hidden_states
 
+from conftest import cpu_peak_rss_growth, cuda_peak_growth
+
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")
 S = 128 if GPU else 16
+HERE = os.path.abspath(__file__)
 RATIOS = [1, 4, 16]
 GROUPS = [4, 8, 16]
 
 
-@pytest.fixture(scope="module")
-def model_and_video(tmp_path_factory):
+def build_model_and_video(clip_dir: str):
+    """The bench model (random weights, see the module doc) and one decoded clip."""
     from transformers import AutoModelForImageTextToText
 
     from fastebm.data.synth import write_synthetic_clip
@@ -50,10 +60,15 @@ def model_and_video(tmp_path_factory):
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16 if GPU else torch.float32,
                                                     attn_implementation="sdpa").to(DEV).eval()
-    clip = str(tmp_path_factory.mktemp("v") / "c.webm")
+    clip = os.path.join(clip_dir, "c.webm")
     write_synthetic_clip(clip, codec="vp9", width=56, height=56, num_frames=8, fps=4)
     video = load_video_sample(clip, VideoConfig(min_frames=4, max_frames=4, min_pixels=3136, max_pixels=3136))
     return model, tok, video
+
+
+@pytest.fixture(scope="module")
+def model_and_video(tmp_path_factory):
+    return build_model_and_video(str(tmp_path_factory.mktemp("v")))
 
 
 def make_prompt(model, tok, video, P: int) -> Prompt:
@@ -71,9 +86,9 @@ def no_eos(monkeypatch):
     monkeypatch.setattr(decode_mod, "eos_ids", lambda model, tok: [-1])
 
 
-def _completions(G):
+def _completions(G, s=S):
     g = torch.Generator().manual_seed(G)
-    return [[int(x) for x in torch.randint(100, 400, (S,), generator=g)] for _ in range(G)]
+    return [[int(x) for x in torch.randint(100, 400, (s,), generator=g)] for _ in range(G)]
 
 
 @pytest.mark.parametrize("G", GROUPS)
@@ -90,14 +105,26 @@ def test_rollout(benchmark, model_and_video, no_eos, mode, ratio, G):
     assert all(len(c) == S for c in r.completion_ids)
 
 
+FORWARD_MODES = ["repeated", "shared-mask", "shared"]
+
+
+def _forward_fn(mode):
+    """The scoring / training forward of each mode: the repeated prefix; the packed row with the
+    model's attention over a dense block mask; the packed row with block-by-block attention."""
+    if mode == "repeated":
+        return completion_hidden_states
+    attention = "mask" if mode == "shared-mask" else "blocks"
+    return lambda *a: shared_prefix_hidden_states(*a, attention=attention)
+
+
 @pytest.mark.parametrize("G", GROUPS)
 @pytest.mark.parametrize("ratio", RATIOS)
-@pytest.mark.parametrize("mode", ["repeated", "shared"])
+@pytest.mark.parametrize("mode", FORWARD_MODES)
 def test_scoring(benchmark, model_and_video, mode, ratio, G):
     model, tok, video = model_and_video
     prompt = make_prompt(model, tok, video, ratio * S)
     comps = _completions(G)
-    fn = shared_prefix_hidden_states if mode == "shared" else completion_hidden_states
+    fn = _forward_fn(mode)
     W = lm_head_weight(model)
 
     @torch.no_grad()
@@ -110,14 +137,11 @@ def test_scoring(benchmark, model_and_video, mode, ratio, G):
     assert lp.shape == (G, S)
 
 
-@pytest.mark.parametrize("G", GROUPS)
-@pytest.mark.parametrize("ratio", RATIOS)
-@pytest.mark.parametrize("mode", ["repeated", "shared"])
-def test_training_forward(benchmark, model_and_video, mode, ratio, G):
-    model, tok, video = model_and_video
-    prompt = make_prompt(model, tok, video, ratio * S)
-    comps = _completions(G)
-    fn = shared_prefix_hidden_states if mode == "shared" else completion_hidden_states
+def train_call(model, tok, video, mode, ratio, G, s=S):
+    """One training forward + backward (no-argument call) of ``mode`` at prefix ``ratio * s``."""
+    prompt = make_prompt(model, tok, video, ratio * s)
+    comps = _completions(G, s)
+    fn = _forward_fn(mode)
     W = lm_head_weight(model)
 
     def fwd_bwd():
@@ -127,10 +151,44 @@ def test_training_forward(benchmark, model_and_video, mode, ratio, G):
         loss.backward()
         return float(loss)
 
-    benchmark.extra_info.update(phase="train_fwd_bwd", mode=mode, ratio=ratio, G=G, P=len(prompt.ids), S=S,
+    return fwd_bwd
+
+
+def train_memory_factory(mode, ratio, G, s):
+    """For the peak-RSS probe (a fresh process): build everything, return the call to measure."""
+    return train_call(*build_model_and_video(tempfile.mkdtemp()), mode, ratio, G, s)
+
+
+@pytest.mark.parametrize("G", GROUPS)
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("mode", FORWARD_MODES)
+def test_training_forward(benchmark, model_and_video, mode, ratio, G):
+    fwd_bwd = train_call(*model_and_video, mode, ratio, G)
+    benchmark.extra_info.update(phase="train_fwd_bwd", mode=mode, ratio=ratio, G=G, P=ratio * S, S=S,
                                 device=str(DEV))
     benchmark.pedantic(fwd_bwd, rounds=2, iterations=1, warmup_rounds=1)
-    model.zero_grad(set_to_none=True)
+    model_and_video[0].zero_grad(set_to_none=True)
+
+
+MEM_S = 128 if GPU else 64  # longer suffixes than the timing cells: the attention's share grows with them
+
+
+@pytest.mark.parametrize("mode", FORWARD_MODES)
+def test_training_forward_memory(benchmark, model_and_video, mode):
+    """Peak memory of one training forward + backward at prefix 8x the suffix, G = 8."""
+    ratio, G = 8, 8
+    call = train_call(*model_and_video, mode, ratio, G, MEM_S)
+    call()
+    if GPU:
+        peak, method = cuda_peak_growth(call), "torch.cuda.max_memory_allocated growth"
+    else:
+        peak, method = cpu_peak_rss_growth(HERE, "train_memory_factory", mode, ratio, G, MEM_S), \
+            "subprocess peak RSS growth"
+    benchmark.extra_info.update(phase="train_memory", mode=mode, ratio=ratio, G=G, P=ratio * MEM_S, S=MEM_S,
+                                device=str(DEV), peak_mem_bytes=peak, mem_method=method)
+    benchmark.pedantic(call, rounds=2, iterations=1)
+    model_and_video[0].zero_grad(set_to_none=True)
+    print(f"\ntraining fwd+bwd {mode} P={ratio * MEM_S} S={MEM_S} G={G}: peak growth {peak / 2**20:.0f} MiB")
 
 
 def test_prefix_kv_memory_independent_of_G(model_and_video):

@@ -12,16 +12,20 @@ suffix reads the same prefix keys/values, the forward equals the repeated one to
 the backward sums every suffix's gradient into the one prefix computation — the same gradient as
 the repeated forward, at a fraction of the cost when the prefix is long.
 
-The packed row needs a custom 4D mask, so it runs on the SDPA or eager attention paths (not
-flash-attn's varlen kernel).
+Attention in the packed row runs block by block (``fastebm.model.packed_attention``: the prefix
+causal once, each suffix against [prefix; its own tokens]) whatever attention the model was loaded
+with; ``attention="mask"`` runs the model's own attention over the dense block mask instead (the
+check: SDPA or eager, not flash-attn's varlen kernel).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
 
 from fastebm.model.forward import CompletionBatch, Prompt, mrope_positions, video_inputs
+from fastebm.model.packed_attention import RowLayout, packed_layout
 
 
 def prefix_positions(model, prompt: Prompt, device) -> tuple[torch.Tensor, int]:
@@ -49,11 +53,17 @@ def pack_groups(prompt_index: Sequence[int]) -> list[tuple[int, list[int]]]:
 
 
 def shared_prefix_hidden_states(model, prompts: Sequence[Prompt], completions: Sequence[Sequence[int]],
-                                prompt_index: Sequence[int], pad_id: int = 0) -> CompletionBatch:
+                                prompt_index: Sequence[int], pad_id: int = 0,
+                                attention: str = "blocks") -> CompletionBatch:
     """Same contract as ``forward.completion_hidden_states``, one packed row per distinct prompt.
 
+    ``attention``: ``"blocks"`` (default) runs the row's attention block by block
+    (``fastebm.model.packed_attention``: the prefix causal once, the suffixes against [prefix; own]);
+    ``"mask"`` runs the model's own attention with the dense block mask (the check).
     Shapes: R rows (distinct prompts), L = longest P + sum(S), B = len(completions), Tc = longest S.
     """
+    if attention not in ("blocks", "mask"):
+        raise ValueError(f"attention={attention!r}: expected 'blocks' or 'mask'")
     device = next(model.parameters()).device
     video_id = model.config.video_token_id
     if any(video_id in c for c in completions):
@@ -64,7 +74,9 @@ def shared_prefix_hidden_states(model, prompts: Sequence[Prompt], completions: S
     L = max(lengths)
     input_ids = torch.full((R, L), pad_id, dtype=torch.long, device=device)
     pos = torch.zeros((3, R, L), dtype=torch.long, device=device)
-    mask = torch.zeros((R, 1, L, L), dtype=torch.bool, device=device)
+    dense = attention == "mask"
+    mask = torch.zeros((R, 1, L, L) if dense else (0,), dtype=torch.bool, device=device)
+    layout = []
     B = len(completions)
     Tc = max(1, max((len(c) for c in completions), default=1))
     gather_row = torch.zeros(B, dtype=torch.long)
@@ -79,7 +91,10 @@ def shared_prefix_hidden_states(model, prompts: Sequence[Prompt], completions: S
         input_ids[r, :P] = torch.tensor(prompt.ids, device=device)
         ppos, p_next = prefix_positions(model, prompt, device)
         pos[:, r, :P] = ppos
-        mask[r, 0, :P, :P] = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        if dense:
+            mask[r, 0, :P, :P] = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        else:
+            layout.append(RowLayout.build(P, [len(completions[i]) for i in members], device))
         start = P
         for i in members:
             c = list(completions[i])
@@ -87,8 +102,9 @@ def shared_prefix_hidden_states(model, prompts: Sequence[Prompt], completions: S
             end = start + S
             input_ids[r, start:end] = torch.tensor(c, dtype=torch.long, device=device)
             pos[:, r, start:end] = p_next + torch.arange(S, device=device)
-            mask[r, 0, start:end, :P] = True
-            mask[r, 0, start:end, start:end] = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+            if dense:
+                mask[r, 0, start:end, :P] = True
+                mask[r, 0, start:end, start:end] = torch.ones(S, S, dtype=torch.bool, device=device).tril()
             # token t of this suffix is predicted by the row position before it: the prefix's last
             # token for t = 0, then the suffix's own tokens.
             gather_row[i] = r
@@ -98,14 +114,15 @@ def shared_prefix_hidden_states(model, prompts: Sequence[Prompt], completions: S
                 ids[i, :S] = torch.tensor(c, dtype=torch.long)
                 cmask[i, :S] = 1
             start = end
-        if start < L:  # padding attends to itself only (a row of all False would be NaN in SDPA)
+        if dense and start < L:  # padding attends to itself only (a row of all False would be NaN in SDPA)
             k = torch.arange(start, L, device=device)
             mask[r, 0, k, k] = True
     vids = video_inputs([prompts[p].video for p, _ in groups], device)
     mm_types = (input_ids == video_id).to(torch.int32) * 2
-    out = model.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
-                      pixel_values_videos=vids["pixel_values_videos"].to(model.dtype),
-                      video_grid_thw=vids["video_grid_thw"], mm_token_type_ids=mm_types, use_cache=False)
+    with contextlib.nullcontext() if dense else packed_layout(model, layout):
+        out = model.model(input_ids=input_ids, attention_mask=mask if dense else None, position_ids=pos,
+                          pixel_values_videos=vids["pixel_values_videos"].to(model.dtype),
+                          video_grid_thw=vids["video_grid_thw"], mm_token_type_ids=mm_types, use_cache=False)
     h = out.last_hidden_state  # (R, L, H)
     gather_row, gather_idx = gather_row.to(device), gather_idx.to(device)
     hidden = h[gather_row.unsqueeze(1), gather_idx]  # (B, Tc, H)

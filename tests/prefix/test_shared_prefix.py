@@ -1,7 +1,8 @@
 """Shared prefix vs repeated prefix on tiny Qwen2-VL and Qwen2.5-VL with real video input.
 
 Greedy rollouts give the same tokens; the log-probs of every pass (the rollout's own, the packed
-scoring forward, the repeated forward) agree within 1e-4; the training loss and every parameter
+scoring forward with block-by-block attention and with the dense block mask, the repeated forward)
+agree within 1e-4; the training loss and every parameter
 gradient agree within fp32 tolerance — with prompts of different lengths in one batch and
 completions of different lengths.
 """
@@ -54,11 +55,14 @@ def test_logprobs_of_every_pass_agree(setup, fuse):
     with torch.no_grad():
         rep = completion_hidden_states(lm.model, prompts, r.completion_ids, r.prompt_index)
         pk = shared_prefix_hidden_states(lm.model, prompts, r.completion_ids, r.prompt_index)
+        pk_mask = shared_prefix_hidden_states(lm.model, prompts, r.completion_ids, r.prompt_index, attention="mask")
         lp_rep = token_logprobs(rep.hidden, W, rep.ids)
         lp_pk = token_logprobs(pk.hidden, W, pk.ids)
+        lp_pk_mask = token_logprobs(pk_mask.hidden, W, pk_mask.ids)
     assert torch.equal(rep.mask, pk.mask) and torch.equal(rep.ids, pk.ids)
     m = rep.mask.bool()
     assert (lp_rep - lp_pk)[m].abs().max() < 1e-4
+    assert (lp_rep - lp_pk_mask)[m].abs().max() < 1e-4  # the dense-mask packed path (the check)
     for i, lps in enumerate(r.logprobs):
         torch.testing.assert_close(torch.tensor(lps), lp_pk[i, :len(lps)], atol=1e-4, rtol=0)
     assert pk.num_prompt_tokens * 3 == rep.num_prompt_tokens
