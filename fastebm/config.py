@@ -61,7 +61,9 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Parameter dtype: ``auto`` is bfloat16 on CUDA and float32 on the CPU."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """Attention backend: ``auto`` is SDPA (flash-attn is an optional extra)."""
+    """Attention backend: ``auto`` is SDPA (flash-attn is an optional extra). The shared-prefix packed
+    forward runs block by block on SDPA, with a dense block mask on eager, and refuses flash-attn
+    (use ``rollout.shared_prefix = false`` with it)."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in the backward pass (saves memory, costs ~30% compute)."""
 

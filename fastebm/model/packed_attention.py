@@ -17,20 +17,24 @@ autograd gives the exact gradient: the suffixes' gradients w.r.t. the prefix K/V
 prefix computation. The prefix K/V are copied once per suffix inside a layer's attention
 (transient, k x P x Hkv x D), never kept per sample.
 
-Used through transformers' attention interface: ``packed_layout(model, layout)`` switches the
-text model's attention to ``"fastebm_packed"`` for one forward and gives it the row layout.
+Used through transformers' attention interface. ``enable(model)`` makes the text model's
+attention ``"fastebm_sdpa"`` (once, in place): transformers' own SDPA attention and SDPA mask for
+every forward, except one that carries a packed layout in its keyword arguments
+(``model.model(..., fastebm_packed=[RowLayout, ...])``, which transformers hands down to every
+attention call). Because the layout travels with the forward's arguments, a layer that gradient
+checkpointing runs again inside backward sees it again — a switch set around the forward would be
+gone by then. Models whose text attention is not SDPA (eager, flash-attn) are left alone; the
+packed row then runs their attention over the dense block mask.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-NAME = "fastebm_packed"
+NAME = "fastebm_sdpa"
 
 
 @dataclass
@@ -52,9 +56,6 @@ class RowLayout:
             start += s
         return cls(P, list(lengths), torch.tensor(gather, dtype=torch.long, device=device),
                    torch.tensor(keep, dtype=torch.long, device=device))
-
-
-_LAYOUT: contextvars.ContextVar = contextvars.ContextVar("fastebm_packed_layout", default=None)
 
 
 def _row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: RowLayout, L: int, scale, dropout: float):
@@ -81,37 +82,36 @@ def _row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: RowLayout, L: i
 
 
 def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling=None, **kwargs):
-    """transformers attention interface: query (R, H, L, D), key/value (R, Hkv, L, D) ->
-    ((R, L, H, D), None), rows laid out as ``packed_layout`` says."""
-    layout = _LAYOUT.get()
-    if layout is None:
-        raise RuntimeError(f"attention '{NAME}' called outside fastebm.model.packed_attention.packed_layout")
-    if len(layout) != query.shape[0]:
-        raise ValueError(f"packed layout has {len(layout)} rows, the batch {query.shape[0]}")
+                             scaling=None, fastebm_packed=None, **kwargs):
+    """transformers attention interface ``"fastebm_sdpa"``: query (R, H, L, D), key/value (R, Hkv, L, D)
+    -> ((R, L, H, D), None). Without ``fastebm_packed`` it is transformers' SDPA attention; with it
+    (one ``RowLayout`` per row) the packed rows block by block."""
+    if fastebm_packed is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if len(fastebm_packed) != query.shape[0]:
+        raise ValueError(f"packed layout has {len(fastebm_packed)} rows, the batch {query.shape[0]}")
     L = query.shape[2]
-    out = torch.stack([_row(query[r], key[r], value[r], lay, L, scaling, dropout) for r, lay in enumerate(layout)])
+    out = torch.stack([_row(query[r], key[r], value[r], lay, L, scaling, dropout)
+                       for r, lay in enumerate(fastebm_packed)])
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
+def enable(model) -> bool:
+    """Route the text model's attention through ``packed_attention_forward`` (in place, once).
+
+    True when the packed rows of ``model`` can run block by block: its text attention was SDPA (now
+    ``"fastebm_sdpa"``, which is SDPA for every other forward). False for other attention
+    implementations, which are left as they are.
+    """
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(NAME, packed_attention_forward)
-
-
-@contextlib.contextmanager
-def packed_layout(model, layout: list[RowLayout]):
-    """For the duration: the text model's attention is ``packed_attention_forward`` over ``layout``
-    (the vision tower keeps its own). No attention mask is built (transformers builds none for an
-    implementation without a mask function)."""
-    _register()
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     cfg = model.model.language_model.config
-    before = cfg._attn_implementation
-    token = _LAYOUT.set(layout)
-    cfg._attn_implementation = NAME
-    try:
-        yield
-    finally:
-        cfg._attn_implementation = before
-        _LAYOUT.reset(token)
+    if cfg._attn_implementation == "sdpa":
+        cfg._attn_implementation = NAME
+    return cfg._attn_implementation == NAME

@@ -13,19 +13,20 @@ the backward sums every suffix's gradient into the one prefix computation — th
 the repeated forward, at a fraction of the cost when the prefix is long.
 
 Attention in the packed row runs block by block (``fastebm.model.packed_attention``: the prefix
-causal once, each suffix against [prefix; its own tokens]) whatever attention the model was loaded
-with; ``attention="mask"`` runs the model's own attention over the dense block mask instead (the
-check: SDPA or eager, not flash-attn's varlen kernel).
+causal once, each suffix against [prefix; its own tokens]) when the model's text attention is SDPA
+(the default load). ``attention="mask"`` runs the model's own attention over the dense block mask
+instead: the check, and the path for eager attention (an additive float mask, which SDPA and eager
+both read; flash-attn cannot take one and is refused).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
 
 from fastebm.model.forward import CompletionBatch, Prompt, mrope_positions, video_inputs
-from fastebm.model.packed_attention import RowLayout, packed_layout
+from fastebm.model import packed_attention
+from fastebm.model.packed_attention import RowLayout
 
 
 def prefix_positions(model, prompt: Prompt, device) -> tuple[torch.Tensor, int]:
@@ -64,6 +65,13 @@ def shared_prefix_hidden_states(model, prompts: Sequence[Prompt], completions: S
     """
     if attention not in ("blocks", "mask"):
         raise ValueError(f"attention={attention!r}: expected 'blocks' or 'mask'")
+    if attention == "blocks" and not packed_attention.enable(model):
+        attention = "mask"  # the model's text attention is not SDPA (eager / flash-attn)
+    impl = model.model.language_model.config._attn_implementation
+    if attention == "mask" and impl not in ("sdpa", "eager", packed_attention.NAME):
+        raise ValueError(f"the packed shared-prefix forward needs SDPA or eager text attention (a 4D block mask); "
+                         f"the model has {impl!r}: load it with model.attn_implementation = 'sdpa' or 'auto', "
+                         f"or set rollout.shared_prefix = false")
     device = next(model.parameters()).device
     video_id = model.config.video_token_id
     if any(video_id in c for c in completions):
@@ -119,10 +127,13 @@ def shared_prefix_hidden_states(model, prompts: Sequence[Prompt], completions: S
             mask[r, 0, k, k] = True
     vids = video_inputs([prompts[p].video for p, _ in groups], device)
     mm_types = (input_ids == video_id).to(torch.int32) * 2
-    with contextlib.nullcontext() if dense else packed_layout(model, layout):
-        out = model.model(input_ids=input_ids, attention_mask=mask if dense else None, position_ids=pos,
-                          pixel_values_videos=vids["pixel_values_videos"].to(model.dtype),
-                          video_grid_thw=vids["video_grid_thw"], mm_token_type_ids=mm_types, use_cache=False)
+    packed = {} if dense else {"fastebm_packed": layout}  # handed down to every text attention call
+    if dense:  # additive float mask: eager attention adds the mask to the scores (a bool would add 0/1)
+        mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill(~mask, torch.finfo(model.dtype).min)
+    out = model.model(input_ids=input_ids, attention_mask=mask if dense else None, position_ids=pos,
+                      pixel_values_videos=vids["pixel_values_videos"].to(model.dtype),
+                      video_grid_thw=vids["video_grid_thw"], mm_token_type_ids=mm_types, use_cache=False,
+                      **packed)
     h = out.last_hidden_state  # (R, L, H)
     gather_row, gather_idx = gather_row.to(device), gather_idx.to(device)
     hidden = h[gather_row.unsqueeze(1), gather_idx]  # (B, Tc, H)

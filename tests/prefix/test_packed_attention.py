@@ -6,7 +6,7 @@ the end of a row, grouped-query heads; the output and the gradients of q, k and 
 import pytest
 import torch
 
-from fastebm.model.packed_attention import RowLayout, _LAYOUT, packed_attention_forward
+from fastebm.model.packed_attention import RowLayout, packed_attention_forward
 
 
 def dense_mask(P, lengths, L):
@@ -44,11 +44,8 @@ def test_matches_dense_mask_forward_and_gradients(rows):
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1),
         attn_mask=torch.stack(masks)[:, None], scale=scale).transpose(1, 2)
-    token = _LAYOUT.set([RowLayout.build(P, ls, "cpu") for P, ls in rows])
-    try:
-        out, _ = packed_attention_forward(_Attn(), q, k, v, None, scaling=scale)
-    finally:
-        _LAYOUT.reset(token)
+    layout = [RowLayout.build(P, ls, "cpu") for P, ls in rows]
+    out, _ = packed_attention_forward(_Attn(), q, k, v, None, scaling=scale, fastebm_packed=layout)
     valid = torch.zeros(len(rows), L, dtype=torch.bool)
     for r, e in enumerate(ends):
         valid[r, :e] = True  # padding outputs are never read
@@ -60,7 +57,14 @@ def test_matches_dense_mask_forward_and_gradients(rows):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=lambda m, n=name: f"d{n}: {m}")
 
 
-def test_outside_its_context_is_an_error():
-    x = torch.zeros(1, 2, 3, 4)
-    with pytest.raises(RuntimeError, match="packed_layout"):
-        packed_attention_forward(_Attn(), x, x, x, None)
+def test_without_a_layout_it_is_transformers_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, 5, 4, generator=g) for h in (6, 2, 2))
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    mask[0, :, :, 0] = False
+    mask[0, 0, 0, 0] = True
+    out, _ = packed_attention_forward(_Attn(), q, k, v, mask, scaling=0.5)
+    ref, _ = sdpa_attention_forward(_Attn(), q, k, v, mask, scaling=0.5)
+    assert torch.equal(out, ref)

@@ -68,10 +68,17 @@ def test_logprobs_of_every_pass_agree(setup, fuse):
     assert pk.num_prompt_tokens * 3 == rep.num_prompt_tokens
 
 
-def test_training_forward_loss_and_gradients_agree(setup):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_training_forward_loss_and_gradients_agree(setup, checkpointing):
+    """With gradient checkpointing a layer's forward runs again inside backward: the packed row's
+    attention must be the same there too."""
     lm, prompts = setup
     model = lm.model
     W = lm_head_weight(model)
+    was_training = model.training
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # checkpointing applies in training mode only
     # completions of different lengths; the first prompt has three samples, the second two
     comps = [[10, 11, 12, 13, 14], [20, 21], [30, 31, 32], [40, 41, 42, 43, 44, 45, 46], [50]]
     index = [0, 0, 0, 1, 1]
@@ -88,9 +95,14 @@ def test_training_forward_loss_and_gradients_agree(setup):
         out.loss.backward()
         return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    la, ga = loss_and_grads(completion_hidden_states)
-    lb, gb = loss_and_grads(shared_prefix_hidden_states)
-    model.zero_grad(set_to_none=True)
+    try:
+        la, ga = loss_and_grads(completion_hidden_states)
+        lb, gb = loss_and_grads(shared_prefix_hidden_states)
+    finally:
+        model.zero_grad(set_to_none=True)
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
     torch.testing.assert_close(lb, la, atol=1e-6, rtol=1e-5)
     assert ga.keys() == gb.keys() and any("visual" in n for n in ga)  # gradients reach the vision tower
     for n in ga:
@@ -106,3 +118,25 @@ def test_pcg_teacher_pass_packed_equals_repeated(setup):
     a = teacher_answer_loglik(lm, prompts[0], contexts, answer, shared_prefix=False)
     b = teacher_answer_loglik(lm, prompts[0], contexts, answer, shared_prefix=True)
     torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+def test_eager_attention_model_packs_with_the_dense_mask(setup):
+    """A model loaded with eager attention keeps it (the packed row then uses the dense block mask)
+    and gives the repeated forward's log-probs; an SDPA model is switched to fastebm's SDPA."""
+    from fastebm.model.loading import load_model
+
+    lm, prompts = setup
+    eager = load_model(lm.path, torch.device("cpu"), attn_implementation="eager").model
+    comps, index = [[10, 11, 12], [20, 21, 22, 23, 24], [30]], [0, 0, 1]
+    with torch.no_grad():
+        shared_prefix_hidden_states(lm.model, prompts, comps, index)
+    assert lm.model.model.language_model.config._attn_implementation == "fastebm_sdpa"
+    assert lm.model.model.visual.config._attn_implementation == "sdpa"  # the vision tower keeps its own
+    W = lm_head_weight(eager)
+    with torch.no_grad():
+        rep = completion_hidden_states(eager, prompts, comps, index)
+        pk = shared_prefix_hidden_states(eager, prompts, comps, index)
+    assert eager.model.language_model.config._attn_implementation == "eager"
+    m = rep.mask.bool()
+    lp_rep, lp_pk = token_logprobs(rep.hidden, W, rep.ids), token_logprobs(pk.hidden, W, pk.ids)
+    assert (lp_rep - lp_pk)[m].abs().max() < 1e-4
