@@ -238,7 +238,7 @@ def parallelize(model: torch.nn.Module, pcfg, d: Dist, *, activation_checkpointi
     #    non-reentrant so it composes with FSDP2's hooks). Before sharding: FSDP's unshard then
     #    happens inside the recomputation, as in torchtitan.
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if not d.enabled:
         return
 

@@ -64,7 +64,7 @@ class SFTTrainer:
         self.policy = load_model(resume_from or resolve_model_path(cfg.model), self.device, cfg.model.dtype,
                                  cfg.model.attn_implementation, trainable=True)
         if cfg.model.gradient_checkpointing:
-            self.policy.model.gradient_checkpointing_enable()
+            self.policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         t = cfg.train
         params = [p for p in self.policy.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)

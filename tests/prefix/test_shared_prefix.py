@@ -77,7 +77,7 @@ def test_training_forward_loss_and_gradients_agree(setup, checkpointing):
     W = lm_head_weight(model)
     was_training = model.training
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # checkpointing applies in training mode only
     # completions of different lengths; the first prompt has three samples, the second two
     comps = [[10, 11, 12, 13, 14], [20, 21], [30, 31, 32], [40, 41, 42, 43, 44, 45, 46], [50]]
@@ -101,7 +101,7 @@ def test_training_forward_loss_and_gradients_agree(setup, checkpointing):
     finally:
         model.zero_grad(set_to_none=True)
         if checkpointing:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
         model.train(was_training)
     torch.testing.assert_close(lb, la, atol=1e-6, rtol=1e-5)
     assert ga.keys() == gb.keys() and any("visual" in n for n in ga)  # gradients reach the vision tower

@@ -1,5 +1,6 @@
 """The trainer with rollout.shared_prefix = true and false on the tiny recipe, greedy, G = 8:
-the same rewards and loss at every step (the timings are compared in bench/, not here)."""
+the same rewards, loss and gradient norm at every step, also with gradient checkpointing (the
+timings are compared in bench/, not here)."""
 import os
 
 import pytest
@@ -11,14 +12,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mu", [1, 2])
-def test_same_rewards_and_loss_per_step(tmp_path, mu):
+@pytest.mark.parametrize("mu,checkpointing", [(1, False), (2, False), (1, True)],
+                         ids=["mu1", "mu2", "mu1-gradient-checkpointing"])
+def test_same_rewards_and_loss_per_step(tmp_path, mu, checkpointing):
     def run(shared):
         cfg = load_config(os.path.join(ROOT, "recipes", "tiny.toml"), [
             f"run.output_dir={tmp_path / str(shared)}", f"model.tiny_cache_dir={tmp_path / 'models'}",
             f"data.sample_dir={tmp_path / 'sample'}", "log.progress=false", "train.steps=3",
             "rollout.temperature=0", "rollout.group_size=8", f"rollout.shared_prefix={str(shared).lower()}",
-            f"grpo.mu={mu}", "train.checkpoint_every=0"])
+            f"grpo.mu={mu}", "train.checkpoint_every=0", f"model.gradient_checkpointing={str(checkpointing).lower()}"])
         return Trainer(cfg).train()
 
     a, b = run(False), run(True)
