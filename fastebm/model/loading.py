@@ -149,10 +149,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_model(path: str, device: torch.device, dtype: str = "auto", attn_implementation: str = "auto",
-               trainable: bool = True) -> LoadedModel:
-    """Load a Qwen2-VL / Qwen2.5-VL checkpoint and its tokenizer from a local directory."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+def load_model(path: str, device: torch.device, dtype="auto", attn_implementation: str = "auto",
+               trainable: bool = True, on_meta: bool = False) -> LoadedModel:
+    """Load a Qwen2-VL / Qwen2.5-VL checkpoint and its tokenizer from a local directory.
+
+    ``dtype``: a name (``"auto"``: bfloat16 on CUDA, float32 elsewhere) or a ``torch.dtype``.
+    ``on_meta``: build the model from the checkpoint's config on the meta device, reading no weights
+    (their values come later, from another rank: ``fastebm.train.parallel.parallelize``);
+    ``device`` then only resolves ``"auto"``.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
 
     _quiet_transformers()
     if not os.path.isdir(path):
@@ -162,9 +168,15 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", attn_implem
     if family not in ("qwen2_vl", "qwen2_5_vl"):
         raise ValueError(f"{path}/config.json: model_type {family!r} is not supported (qwen2_vl, qwen2_5_vl)")
     attn = "sdpa" if attn_implementation == "auto" else attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=resolve_dtype(dtype, device),
-                                                        attn_implementation=attn)
-    model.to(device)
+    dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
+    if on_meta:
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config, dtype=dt, attn_implementation=attn)
+        if os.path.exists(os.path.join(path, "generation_config.json")):  # from_pretrained reads it too
+            model.generation_config = GenerationConfig.from_pretrained(path)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dt, attn_implementation=attn)
+        model.to(device)
     model.train(trainable)
     if not trainable:
         model.requires_grad_(False)

@@ -228,11 +228,59 @@ def _dtype(name: str, default: torch.dtype) -> torch.dtype:
             "float16": torch.float16}[name]
 
 
-def parallelize(model: torch.nn.Module, pcfg, d: Dist, *, activation_checkpointing: bool = False) -> None:
+def load_parallel_model(path: str, device: torch.device, dtype, attn_implementation: str, pcfg, d: Dist, *,
+                        trainable: bool, activation_checkpointing: bool = False):
+    """``load_model`` + ``parallelize``. Under FSDP only rank 0 reads the weights (into host memory,
+    once); every rank builds the model on the meta device, shards it, and receives its shards from
+    rank 0 — host memory is one model, not one per rank."""
+    from fastebm.model.loading import load_model, resolve_dtype
+
+    if not d.enabled:
+        lm = load_model(path, device, dtype, attn_implementation, trainable=trainable)
+        parallelize(lm.model, pcfg, d, activation_checkpointing=activation_checkpointing)
+        return lm
+    dt = resolve_dtype(dtype, device)  # the same on every rank, whatever device rank 0 reads onto
+    source = load_model(path, torch.device("cpu"), dt, attn_implementation, trainable=trainable) if d.is_main else None
+    lm = load_model(path, device, dt, attn_implementation, trainable=trainable, on_meta=True)
+    parallelize(lm.model, pcfg, d, activation_checkpointing=activation_checkpointing,
+                weights_from=source.model if source is not None else None)
+    return lm
+
+
+def _materialize(model: torch.nn.Module, weights_from: Optional[torch.nn.Module], pcfg, d: Dist) -> None:
+    """Give a sharded meta-device model its storage and rank 0's weights.
+
+    Parameters and persistent buffers: ``set_model_state_dict`` with ``broadcast_from_rank0`` (each
+    rank keeps only its shards). Buffers that no state dict holds (the rotary ``inv_freq``, computed
+    at construction) are copied from rank 0's model and broadcast.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if d.is_main and weights_from is None:
+        raise ValueError("rank 0 must pass the loaded model (weights_from) to shard a meta-device model")
+    dev = d.mesh.device_type
+    init = torch.device("cpu") if pcfg.cpu_offload or dev == "cpu" else torch.device(dev, torch.cuda.current_device())
+    model.to_empty(device=init)
+    set_model_state_dict(model, weights_from.state_dict() if d.is_main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    source = dict(weights_from.named_buffers()) if d.is_main else {}
+    for name, buf in model.named_buffers():
+        comm = buf if dev == "cpu" or buf.device.type == dev else buf.to(dev)
+        if d.is_main:
+            comm.copy_(source[name])
+        dist.broadcast(comm, src=0)
+        if comm is not buf:
+            buf.copy_(comm)
+
+
+def parallelize(model: torch.nn.Module, pcfg, d: Dist, *, activation_checkpointing: bool = False,
+                weights_from: Optional[torch.nn.Module] = None) -> None:
     """Apply activation checkpointing and FSDP2 to a Qwen2-VL / Qwen2.5-VL model, in place.
 
     The order is fixed (torchtitan's): each step wraps what the next one shards.
-    On one process only step 1 applies (the model stays a plain module).
+    On one process only step 1 applies (the model stays a plain module). A model built on the meta
+    device (``load_parallel_model``) gets its storage and rank 0's weights (``weights_from``, on
+    rank 0 only) after sharding.
     """
     # 1. Activation checkpointing, per decoder layer and vision block (transformers' own wrapper,
     #    non-reentrant so it composes with FSDP2's hooks). Before sharding: FSDP's unshard then
@@ -278,7 +326,11 @@ def parallelize(model: torch.nn.Module, pcfg, d: Dist, *, activation_checkpointi
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)
 
-    # 7. Fix the root now with a one-token forward through it (every rank, collectively), so the
+    # 7. A meta-device model: storage for this rank's shards, and the weights from rank 0.
+    if any(p.is_meta for p in model.parameters()):
+        _materialize(model, weights_from, pcfg, d)
+
+    # 8. Fix the root now with a one-token forward through it (every rank, collectively), so the
     #    direct model.model(...) calls above find a lazily-initialised root and not elect a block.
     with torch.no_grad():
         tok = torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device)

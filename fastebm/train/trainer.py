@@ -46,14 +46,14 @@ from fastebm.grpo.loss import compute_grpo_loss, scoring_logprobs
 from fastebm.model.decode import shared_prefix_rollout
 from fastebm.model.forward import Prompt, completion_hidden_states, lm_head_weight
 from fastebm.model.prefix import shared_prefix_hidden_states
-from fastebm.model.loading import LoadedModel, load_model, resolve_model_path
+from fastebm.model.loading import LoadedModel, resolve_model_path
 from fastebm.model.rollout import RolloutResult, rollout
 from fastebm.rewards import RewardContext, RewardError, RewardInputs, build_rewards, call_reward
 from fastebm.train.checkpoint import (fingerprint, hf_weights_dir, latest_checkpoint, load_checkpoint, resolve_resume,
                                       load_full_optimizer_state, load_sharded_weights, save_checkpoint,
                                       save_sharded_checkpoint, set_rng_state)
 from fastebm.train.metrics import MetricsWriter, append_skipped
-from fastebm.train.parallel import clip_grad_norm, gathered_params, init_distributed, parallelize, seeded_rollout
+from fastebm.train.parallel import clip_grad_norm, gathered_params, init_distributed, load_parallel_model, seeded_rollout
 
 log = logging.getLogger("fastebm")
 
@@ -152,16 +152,16 @@ class Trainer:
 
         resume_from = resolve_resume(cfg.train.resume, self.run_dir)
         # A dcp checkpoint has no from_pretrained weights: start from the model, load the shards in _restore.
-        self.policy = load_model(hf_weights_dir(resume_from) or model_path, self.device, cfg.model.dtype,
-                                 cfg.model.attn_implementation, trainable=True)
-        parallelize(self.policy.model, cfg.parallel, self.dist, activation_checkpointing=cfg.model.gradient_checkpointing)
+        # Under FSDP only rank 0 reads weights; the others build on the meta device and get their shards.
+        self.policy = load_parallel_model(hf_weights_dir(resume_from) or model_path, self.device, cfg.model.dtype,
+                                          cfg.model.attn_implementation, cfg.parallel, self.dist, trainable=True,
+                                          activation_checkpointing=cfg.model.gradient_checkpointing)
         self.reference = None
         if cfg.grpo.beta != 0 or "pcg" in cfg.rewards.enabled:
-            # Always the *initial* weights (or reference_path), also when resuming.
-            self.reference = load_model(os.path.expanduser(cfg.model.reference_path) or model_path,
-                                        self.device, cfg.model.dtype, cfg.model.attn_implementation,
-                                        trainable=False)
-            parallelize(self.reference.model, cfg.parallel, self.dist)  # sharded too, eval mode, no grads
+            # Always the *initial* weights (or reference_path), also when resuming. Sharded too, eval mode, no grads.
+            self.reference = load_parallel_model(os.path.expanduser(cfg.model.reference_path) or model_path,
+                                                 self.device, cfg.model.dtype, cfg.model.attn_implementation,
+                                                 cfg.parallel, self.dist, trainable=False)
         # Reward models live on every rank, scoring that rank's completions (rank 0 builds caches first).
         with self.dist.main_first():
             self.rewards = build_rewards(cfg.rewards.enabled, cfg.rewards,

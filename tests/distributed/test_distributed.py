@@ -174,3 +174,61 @@ def test_degrees_are_checked_against_the_world_size(tmp_path):
     res = subprocess.run([sys.executable, "-m", "fastebm.cli", "train", TINY, "--nproc-per-node", "2",
                           "parallel.dp_shard=4"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=_env())
     assert res.returncode == 2 and "the world size is 2" in res.stderr, res.stderr[-2000:]
+
+
+LOAD = textwrap.dedent("""
+    import json, sys
+    import torch
+    import transformers
+    from fastebm.config import ParallelConfig
+    from fastebm.train.parallel import init_distributed, load_parallel_model
+
+    path = sys.argv[1]
+    reads = []
+    plain = transformers.AutoModelForImageTextToText.from_pretrained  # bound to the class
+
+    def counting(cls, *a, **k):
+        reads.append(a[0] if a else k.get("pretrained_model_name_or_path"))
+        return plain(*a, **k)
+
+    transformers.AutoModelForImageTextToText.from_pretrained = classmethod(counting)
+    pcfg = ParallelConfig()
+    d = init_distributed(pcfg, torch.device("cpu"))
+    lm = load_parallel_model(path, torch.device("cpu"), "float32", "auto", pcfg, d, trainable=True)
+    n_reads = len(reads)
+    ref = plain(path, dtype=torch.float32)  # the check only: every rank reads here
+    ref_params, ref_bufs = dict(ref.named_parameters()), dict(ref.named_buffers())
+    worst = max((p.full_tensor() - ref_params[n]).abs().max().item() for n, p in lm.model.named_parameters())
+    bufs = sorted(n for n, b in lm.model.named_buffers() if not torch.equal(b, ref_bufs[n]))
+    print(json.dumps(dict(rank=d.rank, reads=n_reads, worst=worst, bufs_differ=bufs, n_bufs=len(ref_bufs),
+                          local=sum(p.to_local().numel() for p in lm.model.parameters()),
+                          total=sum(p.numel() for p in ref.parameters()),
+                          eos=lm.model.generation_config.eos_token_id, training=lm.model.training)))
+""")
+
+
+def test_only_rank0_reads_the_weights_the_others_get_their_shards(runs, tmp_path):
+    """Meta-device loading under FSDP: rank 1 never reads the checkpoint; every rank ends up with
+    exactly the checkpoint's parameters (as shards), its buffers (the rotary inv_freq is in no state
+    dict) and its generation config."""
+    src = os.path.join(runs["cache"]["models"], "tiny-qwen2vl-v1-seed0")
+    model_dir = tmp_path / "model"
+    shutil.copytree(src, model_dir)
+    gen_path = model_dir / "generation_config.json"
+    gen = json.load(open(gen_path)) if gen_path.exists() else {}
+    gen["eos_token_id"] = [int(ids) for ids in ([gen["eos_token_id"]] if isinstance(gen.get("eos_token_id"), int)
+                                                 else gen.get("eos_token_id", [0]))] + [7]
+    json.dump(gen, open(gen_path, "w"))
+    script = tmp_path / "load.py"
+    script.write_text(LOAD)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(script), str(model_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=_env())
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-5000:]
+    out = {r["rank"]: r for r in (json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith("{"))}
+    assert sorted(out) == [0, 1]
+    assert out[0]["reads"] == 1 and out[1]["reads"] == 0
+    for r in out.values():
+        assert r["worst"] == 0.0 and r["bufs_differ"] == [] and r["n_bufs"] > 0
+        assert r["eos"] == gen["eos_token_id"] and r["training"]
+        assert r["local"] < 0.75 * r["total"]  # each rank holds about half the parameters
