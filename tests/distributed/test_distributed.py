@@ -200,10 +200,12 @@ LOAD = textwrap.dedent("""
     ref_params, ref_bufs = dict(ref.named_parameters()), dict(ref.named_buffers())
     worst = max((p.full_tensor() - ref_params[n]).abs().max().item() for n, p in lm.model.named_parameters())
     bufs = sorted(n for n, b in lm.model.named_buffers() if not torch.equal(b, ref_bufs[n]))
-    print(json.dumps(dict(rank=d.rank, reads=n_reads, worst=worst, bufs_differ=bufs, n_bufs=len(ref_bufs),
-                          local=sum(p.to_local().numel() for p in lm.model.parameters()),
-                          total=sum(p.numel() for p in ref.parameters()),
-                          eos=lm.model.generation_config.eos_token_id, training=lm.model.training)))
+    result = dict(rank=d.rank, reads=n_reads, worst=worst, bufs_differ=bufs, n_bufs=len(ref_bufs),
+                  local=sum(p.to_local().numel() for p in lm.model.parameters()),
+                  total=sum(p.numel() for p in ref.parameters()),
+                  eos=lm.model.generation_config.eos_token_id, training=lm.model.training)
+    with open(f"{sys.argv[2]}/rank{d.rank}.json", "w") as f:  # one file per rank: stdout lines interleave
+        json.dump(result, f)
 """)
 
 
@@ -222,10 +224,10 @@ def test_only_rank0_reads_the_weights_the_others_get_their_shards(runs, tmp_path
     script = tmp_path / "load.py"
     script.write_text(LOAD)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          str(script), str(model_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env=_env())
+                          str(script), str(model_dir), str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=_env())
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-5000:]
-    out = {r["rank"]: r for r in (json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith("{"))}
+    out = {r["rank"]: r for r in (json.load(open(tmp_path / f"rank{i}.json")) for i in range(2))}
     assert sorted(out) == [0, 1]
     assert out[0]["reads"] == 1 and out[1]["reads"] == 0
     for r in out.values():
