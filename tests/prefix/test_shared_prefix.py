@@ -13,6 +13,7 @@ from fastebm.config import RolloutConfig
 from fastebm.grpo.loss import compute_grpo_loss, token_logprobs
 from fastebm.model.decode import shared_prefix_rollout
 from fastebm.model.forward import completion_hidden_states, lm_head_weight
+from fastebm.model import packed_attention
 from fastebm.model.prefix import pack_groups, shared_prefix_hidden_states
 from fastebm.model.rollout import rollout
 
@@ -140,3 +141,18 @@ def test_eager_attention_model_packs_with_the_dense_mask(setup):
     m = rep.mask.bool()
     lp_rep, lp_pk = token_logprobs(rep.hidden, W, rep.ids), token_logprobs(pk.hidden, W, pk.ids)
     assert (lp_rep - lp_pk)[m].abs().max() < 1e-4
+
+
+def test_generate_unchanged_by_the_attention_switch(setup):
+    """The text attention 'fastebm_sdpa' is transformers' SDPA for every forward without a packed
+    layout: generate (padding masks, KV cache) samples the same greedy tokens before and after."""
+    from fastebm.model.loading import load_model
+
+    lm, prompts = setup
+    fresh = load_model(lm.path, torch.device("cpu"))
+    cfg = RolloutConfig(group_size=2, temperature=0.0, max_new_tokens=8)
+    before = rollout(fresh.model, fresh.tokenizer, prompts, cfg)
+    assert packed_attention.enable(fresh.model)
+    assert fresh.model.model.language_model.config._attn_implementation == packed_attention.NAME
+    after = rollout(fresh.model, fresh.tokenizer, prompts, cfg)
+    assert before.completion_ids == after.completion_ids
