@@ -181,7 +181,7 @@ LOAD = textwrap.dedent("""
     import torch
     import transformers
     from fastebm.config import ParallelConfig
-    from fastebm.train.parallel import init_distributed, load_parallel_model
+    from fastebm.train.parallel import destroy_distributed, init_distributed, load_parallel_model
 
     path = sys.argv[1]
     reads = []
@@ -206,6 +206,7 @@ LOAD = textwrap.dedent("""
                   eos=lm.model.generation_config.eos_token_id, training=lm.model.training)
     with open(f"{sys.argv[2]}/rank{d.rank}.json", "w") as f:  # one file per rank: stdout lines interleave
         json.dump(result, f)
+    destroy_distributed(d)  # as the CLI does: a live gloo group can abort the process at exit
 """)
 
 
