@@ -130,7 +130,6 @@ class _PrefixDecoder:
 
     def __init__(self, model, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], prefix_len: list[int],
                  rows: int, max_new: int, fuse: Optional[bool] = None):
-        self.model = model
         self.lm = model.model.language_model
         self.prefix_kv = prefix_kv                                    # per layer: (B, Hkv, Pmax, D) each
         self.prefix_len = prefix_len

@@ -28,6 +28,7 @@ packed row then runs their attention over the dense block mask.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,16 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     return out.transpose(1, 2).contiguous(), None
 
 
+@functools.cache
+def _register() -> None:
+    """``NAME`` in transformers' attention and mask interfaces (once per process)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, packed_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
 def enable(model) -> bool:
     """Route the text model's attention through ``packed_attention_forward`` (in place, once).
 
@@ -106,11 +117,7 @@ def enable(model) -> bool:
     ``"fastebm_sdpa"``, which is SDPA for every other forward). False for other attention
     implementations, which are left as they are.
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(NAME, packed_attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    _register()
     cfg = model.model.language_model.config
     if cfg._attn_implementation == "sdpa":
         cfg._attn_implementation = NAME

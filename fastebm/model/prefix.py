@@ -83,7 +83,7 @@ def shared_prefix_hidden_states(model, prompts: Sequence[Prompt], completions: S
     input_ids = torch.full((R, L), pad_id, dtype=torch.long, device=device)
     pos = torch.zeros((3, R, L), dtype=torch.long, device=device)
     dense = attention == "mask"
-    mask = torch.zeros((R, 1, L, L) if dense else (0,), dtype=torch.bool, device=device)
+    mask = torch.zeros((R, 1, L, L), dtype=torch.bool, device=device) if dense else None
     layout = []
     B = len(completions)
     Tc = max(1, max((len(c) for c in completions), default=1))
@@ -129,8 +129,8 @@ def shared_prefix_hidden_states(model, prompts: Sequence[Prompt], completions: S
     mm_types = (input_ids == video_id).to(torch.int32) * 2
     packed = {} if dense else {"fastebm_packed": layout}  # handed down to every text attention call
     if dense:  # additive float mask: eager attention adds the mask to the scores (a bool would add 0/1)
-        mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill(~mask, torch.finfo(model.dtype).min)
-    out = model.model(input_ids=input_ids, attention_mask=mask if dense else None, position_ids=pos,
+        mask = torch.zeros_like(mask, dtype=model.dtype).masked_fill(~mask, torch.finfo(model.dtype).min)
+    out = model.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
                       pixel_values_videos=vids["pixel_values_videos"].to(model.dtype),
                       video_grid_thw=vids["video_grid_thw"], mm_token_type_ids=mm_types, use_cache=False,
                       **packed)
