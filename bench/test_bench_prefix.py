@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fastebm.config import RolloutConfig, VideoConfig
-from fastebm.grpo.loss import scoring_logprobs, token_logprobs
+from fastebm.model.logprobs import scoring_logprobs, training_logprobs
 from fastebm.model import decode as decode_mod
 from fastebm.model import rollout as rollout_mod
 from fastebm.model.forward import Prompt, completion_hidden_states, lm_head_weight
@@ -41,7 +41,7 @@ def build_model_and_video(clip_dir: str):
 
     from fastebm.data.synth import write_synthetic_clip
     from fastebm.data.video import load_video_sample
-    from fastebm.model.loading import build_tiny_tokenizer, tiny_config
+    from fastebm.tiny import build_tiny_tokenizer, tiny_config
 
     tok = build_tiny_tokenizer()
     cfg = tiny_config("qwen2vl", tok)
@@ -130,7 +130,7 @@ def test_scoring(benchmark, model_and_video, mode, ratio, G):
     @torch.no_grad()
     def score():
         cb = fn(model, [prompt], comps, [0] * G)
-        return scoring_logprobs(cb.hidden, W, cb.ids)
+        return scoring_logprobs(cb.hidden, W, cb.ids, kernel="eager")
 
     benchmark.extra_info.update(phase="scoring", mode=mode, ratio=ratio, G=G, P=len(prompt.ids), S=S, device=str(DEV))
     lp = benchmark.pedantic(score, rounds=5, iterations=1, warmup_rounds=1)
@@ -147,7 +147,7 @@ def train_call(model, tok, video, mode, ratio, G, s=S):
     def fwd_bwd():
         model.zero_grad(set_to_none=True)
         cb = fn(model, [prompt], comps, [0] * G)
-        loss = (token_logprobs(cb.hidden, W, cb.ids) * cb.mask).sum()
+        loss = (training_logprobs(cb.hidden, W, cb.ids, kernel="eager") * cb.mask).sum()
         loss.backward()
         return float(loss)
 

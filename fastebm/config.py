@@ -179,7 +179,11 @@ class PCGRewardConfig:
 @dataclass
 class RewardsConfig:
     enabled: list[str] = field(default_factory=lambda: ["format", "accuracy"])
-    """Rewards to compute, by registry name: format, accuracy, clip, pcg (pcg loads the frozen reference as teacher)."""
+    """Rewards to compute, by registry name: format, accuracy, clip, pcg (pcg loads the frozen reference as teacher),
+    and any reward a plug-in registers."""
+    plugins: list[str] = field(default_factory=list)
+    """Python modules that register more rewards (``fastebm.rewards.register``), imported before the rewards are
+    built: importable module names, or paths of ``.py`` files. Your own code: it runs with the trainer's rights."""
     weights: dict[str, float] = field(
         default_factory=lambda: {"accuracy": 1.0, "format": 1.0, "clip": 0.8, "pcg": 0.8})
     """Weight of each reward in the advantage."""
@@ -217,9 +221,10 @@ class GRPOConfig:
     """Importance ratio per token (GRPO) or per sequence (GSPO)."""
     mu: int = 1
     """Optimisation passes over each rollout batch (>1 needs old log-probs and makes the clip active)."""
-    kernel: Literal["reference", "fused"] = "fused"
+    kernel: Literal["fused", "eager"] = "fused"
     """Log-prob and loss implementation: ``fused`` (fastebm.kernels: Triton on CUDA, a chunked
-    memory-bounded PyTorch path on the CPU; full logits never exist) or the plain-torch reference."""
+    memory-bounded PyTorch path on the CPU; full logits never exist) or ``eager`` (plain PyTorch,
+    logits token-chunked; the path the fused one is checked against). Was ``reference`` before 0.2."""
 
 
 @dataclass
@@ -320,6 +325,10 @@ def _describe(tp) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
+RENAMED_VALUES = {"grpo.kernel": {"reference": "eager"}}
+"""Values a key used to take and what they are called now: the error for an old value names the new one."""
+
+
 def _coerce(value: Any, tp, key: str, source: str) -> Any:
     def bad():
         return ConfigError(f"{source}: {key} = {value!r}: expected {_describe(tp)}")
@@ -328,6 +337,9 @@ def _coerce(value: Any, tp, key: str, source: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp) and type(value) is type(typing.get_args(tp)[0]):
             return value
+        new = RENAMED_VALUES.get(key, {}).get(value) if isinstance(value, str) else None
+        if new is not None:
+            raise ConfigError(f"{source}: {key} = {value!r} was renamed: use {key} = {new!r}")
         raise bad()
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -372,11 +384,13 @@ def _coerce(value: Any, tp, key: str, source: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad()
-        return _build(tp, value, key, source)
+        return apply_table(tp, value, key, source)
     raise bad()
 
 
-def _build(cls, table: dict, prefix: str, source: str, base=None):
+def apply_table(cls, table: dict, prefix: str, source: str, base=None):
+    """Set the fields of ``base`` (or a new ``cls()``) from a TOML-like table, checking keys and types;
+    errors name the dotted key and ``source`` (the file, or "command line")."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     obj = base if base is not None else cls()
@@ -389,7 +403,7 @@ def _build(cls, table: dict, prefix: str, source: str, base=None):
         if dataclasses.is_dataclass(tp):
             if not isinstance(v, dict):
                 raise ConfigError(f"{source}: '{key}' must be a table [{key}], got {v!r}")
-            _build(tp, v, key, source, base=getattr(obj, k))
+            apply_table(tp, v, key, source, base=getattr(obj, k))
         else:
             setattr(obj, k, _coerce(v, tp, key, source))
     return obj
@@ -433,9 +447,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise ConfigError(f"{path}: recipe file not found") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
-        _build(Config, table, "", path, base=cfg)
+        apply_table(Config, table, "", path, base=cfg)
     if overrides:
-        _build(Config, parse_overrides(overrides), "", "command line", base=cfg)
+        apply_table(Config, parse_overrides(overrides), "", "command line", base=cfg)
     validate(cfg, path or "defaults")
     return cfg
 
@@ -470,10 +484,8 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", "must be >= 1, or -1 (fill the world size)")
     need(p.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1")
     need(p.timeout_s > 0, "parallel.timeout_s", "must be > 0")
-    from fastebm.rewards import REWARDS  # the registry is the source of truth for names
-
+    # Reward names are checked against the registry by fastebm.rewards.check_rewards (plug-ins register more).
     for name in cfg.rewards.enabled:
-        need(name in REWARDS, "rewards.enabled", f"unknown reward {name!r}; available: {sorted(REWARDS)}")
         need(name in cfg.rewards.weights, "rewards.weights", f"no weight for enabled reward {name!r}")
     need(bool(cfg.rewards.enabled), "rewards.enabled", "at least one reward is needed")
     r = cfg.rewards

@@ -416,17 +416,39 @@ def token_logprobs(hidden, weight, token_ids, temperature: float = 1.0, return_e
     return (logp, ent.view(lead)) if return_entropy else logp
 
 
+def eager_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor,
+                   temperature: float = 1.0, chunk_tokens: int = 1024) -> torch.Tensor:
+    """log softmax(hidden @ weight.T / temperature)[token_ids] in fp32, (B, T) from (B, T, H).
+
+    Differentiable. Computed in chunks of ``chunk_tokens`` so that at most
+    (chunk_tokens x vocabulary) logits exist at a time.
+    """
+    B, T, H = hidden.shape
+    flat_h = hidden.reshape(B * T, H)
+    flat_ids = token_ids.reshape(B * T)
+    out = []
+    for s in range(0, B * T, chunk_tokens):
+        logits = flat_h[s:s + chunk_tokens] @ weight.t()  # (chunk, V)
+        # fp32 at least; float64 stays float64 (the kernels' references upcast through here).
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+        lse = torch.logsumexp(logits, dim=-1)
+        sel = logits.gather(1, flat_ids[s:s + chunk_tokens, None]).squeeze(1)
+        out.append(sel - lse)
+    if not out:
+        return hidden.new_zeros((B, T), dtype=torch.float32)
+    return torch.cat(out).view(B, T)
+
+
+
 def token_logprobs_ref(hidden, weight, token_ids, temperature: float = 1.0, return_entropy: bool = False,
                        bias=None, backend: str = "auto", upcast: bool = False):
     """Plain torch, full logits. ``upcast=True`` computes in float64 (the tests' ground truth)."""
-    from fastebm.grpo.loss import token_logprobs as _loss_token_logprobs
-
     del backend
     if upcast:
         hidden, weight = hidden.double(), weight.double()
         bias = bias.double() if bias is not None else None
     if bias is None and not return_entropy:
-        return _loss_token_logprobs(hidden, weight, token_ids, temperature, chunk_tokens=math.prod(hidden.shape[:-1]) or 1)
+        return eager_token_logprobs(hidden, weight, token_ids, temperature, chunk_tokens=math.prod(hidden.shape[:-1]) or 1)
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias

@@ -11,7 +11,8 @@ TINY_VIDEO = VideoConfig(fps=2.0, min_frames=4, max_frames=8, min_pixels=3136, m
 
 
 def tiny_model(family: str, cache_dir: str):
-    from fastebm.model.loading import ensure_tiny_model, load_model
+    from fastebm.model.loading import load_model
+    from fastebm.tiny import ensure_tiny_model
 
     return load_model(ensure_tiny_model(family, cache_dir), torch.device("cpu"))
 

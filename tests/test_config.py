@@ -64,8 +64,20 @@ def test_unknown_section_and_wrong_type():
         load_config(None, ["model.tiny=qwen2vl", "grpo.loss_type=ppo"])
     with pytest.raises(ConfigError, match="rollout.group_size"):
         load_config(None, ["model.tiny=qwen2vl", "rollout.group_size=0"])
+    with pytest.raises(ConfigError, match=r"grpo.kernel = 'reference' was renamed: use grpo.kernel = 'eager'"):
+        load_config(None, ["model.tiny=qwen2vl", "grpo.kernel=reference"])
+
+
+def test_unknown_reward_is_named():
+    # Reward names are the registry's (plug-ins add to it), checked by the rewards layer before anything loads.
+    from fastebm.rewards import check_rewards
+
+    cfg = load_config(None, ["model.tiny=qwen2vl", "rewards.enabled=['clipp']", "rewards.weights={clipp=1.0}"])
     with pytest.raises(ConfigError, match="unknown reward 'clipp'"):
-        load_config(None, ["model.tiny=qwen2vl", "rewards.enabled=['clipp']"])
+        check_rewards(cfg.rewards)
+    with pytest.raises(ConfigError, match="rewards.plugins: plug-in file .*nope.py' not found"):
+        cfg.rewards.plugins = ["/nope/nope.py"]
+        check_rewards(cfg.rewards)
 
 
 def test_required_names_exist():

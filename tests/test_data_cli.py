@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -12,6 +14,7 @@ def run(*args):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_sample_then_check(tmp_path):
     out = tmp_path / "sample"
     res = run("data", "sample", str(out))

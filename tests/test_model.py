@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastebm.config import RolloutConfig
-from fastebm.grpo.loss import token_logprobs
+from fastebm.model.logprobs import training_logprobs
 from fastebm.model.forward import completion_hidden_states, lm_head_weight
 from fastebm.model.rollout import rollout
 
@@ -79,7 +79,7 @@ def test_scoring_logprobs_equal_generate_logits(lm, prompts):
         index.append(p_i)
     # both completions in ONE padded batch, prompts of different lengths, completions of different lengths
     cb = completion_hidden_states(model, prompts, comps, index)
-    lp = token_logprobs(cb.hidden, lm_head_weight(model), cb.ids)
+    lp = training_logprobs(cb.hidden, lm_head_weight(model), cb.ids, kernel="eager")
     for b, e in enumerate(expected):
         n = len(e)
         assert int(cb.mask[b].sum()) == n
@@ -89,7 +89,7 @@ def test_scoring_logprobs_equal_generate_logits(lm, prompts):
 def test_gradients_flow_to_vision_tower(lm, prompts):
     model = lm.model
     cb = completion_hidden_states(model, prompts[:1], [[5, 7, 9]], [0])
-    token_logprobs(cb.hidden, lm_head_weight(model), cb.ids).sum().backward()
+    training_logprobs(cb.hidden, lm_head_weight(model), cb.ids, kernel="eager").sum().backward()
     vis = [p for n, p in model.named_parameters() if "visual" in n and p.grad is not None]
     assert vis and any(float(p.grad.abs().sum()) > 0 for p in vis)
     model.zero_grad(set_to_none=True)

@@ -233,6 +233,7 @@ def test_each_clip_is_decoded_once_per_use(env, tmp_path):
         assert st["by_path"][path] == used.count(path)
 
 
+@pytest.mark.slow
 def test_training_over_every_kind_of_bad_video(env, tmp_path):
     """Missing, empty, truncated, not a video, too few frames, absurd dimensions and a decoder that
     hangs: each is skipped with its reason, the run finishes, samples_skipped counts them all."""
@@ -303,7 +304,8 @@ def test_tensorboard_scalars(env, tmp_path):
 def test_precompute_fills_video_and_clip_caches_so_training_decodes_nothing(env, tmp_path):
     """`fastebm data precompute RECORDS --config RECIPE` decodes every clip once and embeds its CLIP
     frames; a run with that video.cache_dir then decodes no clip and runs no CLIP image pass."""
-    from fastebm.data.precompute import clip_embedder, precompute, video_paths
+    from fastebm.cli.data import clip_embedder
+    from fastebm.data.precompute import precompute, video_paths
     from fastebm.data.sample import write_sample_dataset
     from fastebm.data.video import decode_stats, reset_decode_stats
 
@@ -315,7 +317,7 @@ def test_precompute_fills_video_and_clip_caches_so_training_decodes_nothing(env,
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(to_toml(cfg))
     paths = video_paths(src["train"])
-    res = precompute(paths, cfg.video, num_workers=0, clip=clip_embedder(str(recipe), cache))
+    res = precompute(paths, cfg.video, num_workers=0, embed_clips=clip_embedder(str(recipe), cache))
     assert res["decoded"] == len(paths) and res["clip_embedded"] == len(paths) and not res["skipped"]
 
     t = Trainer(cfg)

@@ -2,7 +2,7 @@
 
 ``compute_grpo_loss`` takes the policy's *hidden states* of completion tokens and the lm_head
 weight, never logits. ``kernel="fused"`` runs ``fastebm.kernels.fused_linear_grpo_loss`` (Triton on
-CUDA, a memory-bounded path elsewhere); ``kernel="reference"`` runs the plain-torch path below,
+CUDA, a memory-bounded path elsewhere); ``kernel="eager"`` runs the plain-torch path below,
 chunked over tokens so that full (tokens x vocabulary) logits are never held at once either.
 
 The per-token loss and the reductions follow TRL's ``GRPOTrainer._compute_loss`` exactly:
@@ -35,29 +35,6 @@ class LossOutput:
     per_token_logps: torch.Tensor      # (B, T) fp32, detached
     kl: torch.Tensor                   # scalar: masked mean k3 KL (0 when beta == 0 and no ref)
     clip_ratio: torch.Tensor           # scalar: fraction of unmasked tokens whose ratio was clipped
-
-
-def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor,
-                   temperature: float = 1.0, chunk_tokens: int = 1024) -> torch.Tensor:
-    """log softmax(hidden @ weight.T / temperature)[token_ids] in fp32, (B, T) from (B, T, H).
-
-    Differentiable. Computed in chunks of ``chunk_tokens`` so that at most
-    (chunk_tokens x vocabulary) logits exist at a time.
-    """
-    B, T, H = hidden.shape
-    flat_h = hidden.reshape(B * T, H)
-    flat_ids = token_ids.reshape(B * T)
-    out = []
-    for s in range(0, B * T, chunk_tokens):
-        logits = flat_h[s:s + chunk_tokens] @ weight.t()  # (chunk, V)
-        # fp32 at least; float64 stays float64 (the kernels' references upcast through here).
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-        lse = torch.logsumexp(logits, dim=-1)
-        sel = logits.gather(1, flat_ids[s:s + chunk_tokens, None]).squeeze(1)
-        out.append(sel - lse)
-    if not out:
-        return hidden.new_zeros((B, T), dtype=torch.float32)
-    return torch.cat(out).view(B, T)
 
 
 def per_token_grpo_loss(logps: torch.Tensor, old_logps: Optional[torch.Tensor],
@@ -132,7 +109,9 @@ def grpo_loss_reference(hidden, weight, token_ids, mask, advantages, old_logps=N
                         importance_sampling_level="token", delta=None, max_completion_length=None,
                         num_items_in_batch=None, vllm_is_ratio=None) -> LossOutput:
     """Plain-torch GRPO loss on hidden states (token-chunked log-probs, autograd backward)."""
-    logps = token_logprobs(hidden, weight, token_ids, temperature)
+    from fastebm.kernels.fused_linear_logprobs import eager_token_logprobs  # lazily: kernels import this module
+
+    logps = eager_token_logprobs(hidden, weight, token_ids, temperature)
     return grpo_loss_from_logps(
         logps, old_logps, ref_logps, advantages, mask, beta=beta, epsilon_low=epsilon_low,
         epsilon_high=epsilon_high, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
@@ -160,9 +139,9 @@ def grpo_loss_from_logps(logps, old_logps, ref_logps, advantages, mask, *, beta,
 
 
 def compute_grpo_loss(hidden, weight, token_ids, mask, advantages, old_logps=None, ref_logps=None, *,
-                      kernel: str = "reference", **kw) -> LossOutput:
-    """The trainer's single entry point: picks the plain-torch reference or the fused kernels."""
-    if kernel == "reference":
+                      kernel: str = "fused", **kw) -> LossOutput:
+    """The trainer's single entry point: picks the plain-torch eager path or the fused kernels."""
+    if kernel == "eager":
         return grpo_loss_reference(hidden, weight, token_ids, mask, advantages, old_logps, ref_logps, **kw)
     if kernel == "fused":
         from fastebm.kernels import fused_linear_grpo_loss  # imported lazily: Triton is heavy
@@ -170,21 +149,4 @@ def compute_grpo_loss(hidden, weight, token_ids, mask, advantages, old_logps=Non
         loss, metrics = fused_linear_grpo_loss(hidden, weight, token_ids, mask, advantages,
                                                old_logps, ref_logps, **kw)
         return LossOutput(loss, metrics["per_token_logps"].detach(), metrics["kl"], metrics["clip_ratio"])
-    raise ValueError(f"grpo.kernel must be 'fused' or 'reference', got {kernel!r}")
-
-
-def scoring_logprobs(hidden, weight, token_ids, temperature: float = 1.0, kernel: str = "reference"):
-    """No-grad log-probs (B, T) fp32 for the old / reference / PCG-teacher passes.
-
-    ``kernel="fused"`` runs ``fastebm.kernels.token_logprobs`` (Triton on CUDA, a chunked
-    memory-bounded path elsewhere); ``"reference"`` the token-chunked plain-torch path above.
-    """
-    with torch.no_grad():
-        if kernel == "reference":
-            return token_logprobs(hidden, weight, token_ids, temperature)
-        if kernel == "fused":
-            from fastebm.kernels import token_logprobs as fused_token_logprobs
-
-            return fused_token_logprobs(hidden, weight, token_ids, temperature)
-    raise ValueError(f"grpo.kernel must be 'fused' or 'reference', got {kernel!r}")
-
+    raise ValueError(f"grpo.kernel must be 'fused' or 'eager', got {kernel!r}")

@@ -7,7 +7,7 @@ BERTScore, the PCG teacher) see the whole batch at once. A reward that fails rai
 runs each through ``call_reward``, which applies ``rewards.on_error``. See docs/rewards.md.
 """
 from fastebm.rewards.registry import (REWARDS, RewardContext, RewardError, RewardInputs, build_rewards, call_reward,
-                                      register)
+                                      check_rewards, load_plugins, register)
 from fastebm.rewards import format as _format  # noqa: F401  (registers "format")
 from fastebm.rewards import accuracy as _accuracy  # noqa: F401  (registers "accuracy")
 from fastebm.rewards import clip as _clip  # noqa: F401  (registers "clip")
@@ -15,5 +15,6 @@ from fastebm.rewards import pcg as _pcg  # noqa: F401  (registers "pcg")
 from fastebm.rewards.format import format_reward
 from fastebm.rewards.text import extract_tag
 
-__all__ = ["REWARDS", "RewardContext", "RewardError", "RewardInputs", "build_rewards", "call_reward", "register",
+__all__ = ["REWARDS", "RewardContext", "RewardError", "RewardInputs", "build_rewards", "call_reward", "check_rewards",
+           "load_plugins", "register",
            "format_reward", "extract_tag"]

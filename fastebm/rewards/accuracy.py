@@ -73,9 +73,9 @@ class BertScorer:
     def __init__(self, path: str, device="cpu", num_layers: int = 0):
         from transformers import AutoModel, AutoTokenizer, GPT2Tokenizer, RobertaTokenizer
 
-        from fastebm.model.loading import _quiet_transformers
+        from fastebm.utils import quiet_transformers
 
-        _quiet_transformers()
+        quiet_transformers()
         path = os.path.expanduser(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"rewards.accuracy.model_path: {path!r} is not a local directory "
@@ -156,7 +156,7 @@ def make_accuracy_reward(cfg, context):
     acc = cfg.accuracy
     scorer: Optional[BertScorer] = None
     if acc.tiny or acc.model_path:
-        from fastebm.rewards.tiny import ensure_tiny_bert
+        from fastebm.tiny import ensure_tiny_bert
 
         path = ensure_tiny_bert(context.tiny_cache_dir) if acc.tiny else acc.model_path
         scorer = BertScorer(path, context.device, acc.num_layers)

@@ -147,7 +147,7 @@ def frame_embeddings(model: ClipModel, cache: FrameEmbeddingCache, clips: list[t
 def build_clip_model(clip_cfg, tiny_cache_dir: str, device="cpu") -> ClipModel:
     """The ``[rewards.clip]`` model: local open_clip weights, or the tiny random one."""
     if clip_cfg.tiny:
-        from fastebm.rewards.tiny import ensure_tiny_clip
+        from fastebm.tiny import ensure_tiny_clip
 
         model_name, weights = ensure_tiny_clip(tiny_cache_dir)
     else:

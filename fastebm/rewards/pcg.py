@@ -55,9 +55,9 @@ class SentenceEmbedder:
     def __init__(self, path: str = "", device="cpu"):
         from transformers import AutoModel, AutoTokenizer
 
-        from fastebm.model.loading import _quiet_transformers
+        from fastebm.utils import quiet_transformers
 
-        _quiet_transformers()
+        quiet_transformers()
         path = os.path.expanduser(path) if path else default_embedder_path()
         if not os.path.isdir(path):
             raise FileNotFoundError(f"rewards.pcg.embedder_path: {path!r} is not a local directory")
@@ -119,10 +119,10 @@ def safeguard_blocks(embedder: SentenceEmbedder, blocks: list[Optional[tuple[str
     return out, stats
 
 
-def answer_mean_logprob(model, cb, n: int, kernel: str = "reference") -> torch.Tensor:
+def answer_mean_logprob(model, cb, n: int, kernel: str = "fused") -> torch.Tensor:
     """Mean log-prob (B,) of the last ``n`` tokens of every suffix of a CompletionBatch ``cb``."""
-    from fastebm.grpo.loss import scoring_logprobs
     from fastebm.model.forward import lm_head_weight
+    from fastebm.model.logprobs import scoring_logprobs
 
     dev = cb.hidden.device
     lens = cb.mask.sum(1)                                                          # (B,)
@@ -134,7 +134,7 @@ def answer_mean_logprob(model, cb, n: int, kernel: str = "reference") -> torch.T
 
 @torch.no_grad()
 def teacher_answer_loglik(teacher, prompt, contexts: list[list[int]], answer_ids: list[int],
-                          kernel: str = "reference", shared_prefix: bool = False) -> torch.Tensor:
+                          kernel: str = "fused", shared_prefix: bool = False) -> torch.Tensor:
     """Mean log-likelihood of ``answer_ids`` after ``prompt + contexts[j]`` for every j, in ONE forward.
 
     ``prompt``: a fastebm.model.forward.Prompt (ids with the video tokens, and its VideoSample).

@@ -32,7 +32,7 @@ class RewardContext:
     reference: Any = None        # the frozen reference/teacher (fastebm.model.loading.LoadedModel)
     tiny_cache_dir: str = "~/.cache/fastebm/models"   # where tiny reward models are built (model.tiny_cache_dir)
     video_cache_dir: str = ""    # video.cache_dir: CLIP frame embeddings are cached beside the clips
-    kernel: str = "reference"    # grpo.kernel: log-prob kernel of the PCG teacher pass
+    kernel: str = "fused"        # grpo.kernel: log-prob kernel of the PCG teacher pass
     shared_prefix: bool = False  # rollout.shared_prefix: teacher passes as one packed row per prompt
 
 
@@ -50,10 +50,57 @@ class RewardInputs:
         return self.records[i // self.group_size]
 
 
+_loaded_plugins: dict[str, object] = {}
+
+
+def load_plugins(plugins: Sequence[str], source: str = "rewards.plugins") -> None:
+    """Import each plug-in module (an importable name, or a ``.py`` file) once per process; the module
+    registers its rewards with ``register`` when imported."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    from fastebm.config import ConfigError
+
+    for entry in plugins:
+        key = os.path.realpath(os.path.expanduser(entry)) if entry.endswith(".py") else entry
+        if key in _loaded_plugins:
+            continue
+        try:
+            if entry.endswith(".py"):
+                if not os.path.isfile(key):
+                    raise ConfigError(f"{source}: plug-in file {entry!r} not found")
+                name = "fastebm_plugin_" + os.path.splitext(os.path.basename(key))[0]
+                spec = importlib.util.spec_from_file_location(name, key)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(entry)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"{source}: importing plug-in {entry!r} failed: {type(e).__name__}: {e}") from e
+        _loaded_plugins[key] = module
+
+
+def check_rewards(cfg, source: str = "config", names: Optional[Sequence[str]] = None) -> None:
+    """The ``[rewards]`` section against the registry (after importing ``cfg.plugins``): every enabled
+    reward (or every one of ``names``) is registered. Raises ConfigError naming the key."""
+    from fastebm.config import ConfigError
+
+    load_plugins(cfg.plugins)
+    for name in cfg.enabled if names is None else names:
+        if name not in REWARDS:
+            raise ConfigError(f"{source}: rewards.enabled: unknown reward {name!r}; available: {sorted(REWARDS)}"
+                              + ("" if cfg.plugins else " (rewards.plugins imports modules that register more)"))
+
+
 def build_rewards(names: Sequence[str], cfg, context: RewardContext) -> dict[str, Callable]:
-    missing = [n for n in names if n not in REWARDS]
-    if missing:
-        raise KeyError(f"rewards.enabled: unknown reward(s) {missing}; available: {sorted(REWARDS)}")
+    """The enabled rewards, each built once by its factory (after ``check_rewards``)."""
+    names = list(names)
+    check_rewards(cfg, names=names)
     return {n: REWARDS[n](cfg, context) for n in names}
 
 

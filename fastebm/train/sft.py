@@ -31,9 +31,9 @@ from fastebm.config import Config, write_config
 from fastebm.data import DataError
 from fastebm.data.prompts import build_messages, encode_prompt, sft_target
 from fastebm.data.records import Profiles, Record, RecordSampler, load_usable_records, resolve_video
-from fastebm.grpo.loss import token_logprobs
 from fastebm.model.forward import Prompt, completion_hidden_states, lm_head_weight
 from fastebm.model.loading import load_model, resolve_model_path
+from fastebm.model.logprobs import training_logprobs
 from fastebm.train.checkpoint import (fingerprint, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
                                       set_rng_state)
 from fastebm.train.metrics import MetricsWriter, append_skipped
@@ -127,7 +127,7 @@ class SFTTrainer:
         for s in range(0, len(targets), mb):
             idx = list(range(s, min(len(targets), s + mb)))
             cb = completion_hidden_states(model, prompts, [targets[i] for i in idx], idx)
-            lp = token_logprobs(cb.hidden, lm_head_weight(model), cb.ids)  # (B, T) fp32
+            lp = training_logprobs(cb.hidden, lm_head_weight(model), cb.ids, kernel=self.cfg.grpo.kernel)  # (B, T) fp32
             # Sum over this micro-batch's target tokens / all target tokens of the step: the accumulated
             # gradient is that of the step's token-mean NLL.
             loss = -(lp * cb.mask).sum() / total

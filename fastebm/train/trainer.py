@@ -42,18 +42,20 @@ from fastebm.data import DataError
 from fastebm.data.prompts import build_messages, encode_prompt
 from fastebm.data.records import Profiles, Record, RecordSampler, load_usable_records, resolve_video
 from fastebm.grpo.advantages import combine_rewards
-from fastebm.grpo.loss import compute_grpo_loss, scoring_logprobs
+from fastebm.grpo.loss import compute_grpo_loss
 from fastebm.model.decode import shared_prefix_rollout
 from fastebm.model.forward import Prompt, completion_hidden_states, lm_head_weight
 from fastebm.model.prefix import shared_prefix_hidden_states
 from fastebm.model.loading import LoadedModel, resolve_model_path
+from fastebm.model.logprobs import scoring_logprobs
 from fastebm.model.rollout import RolloutResult, rollout
-from fastebm.rewards import RewardContext, RewardError, RewardInputs, build_rewards, call_reward
+from fastebm.rewards import RewardContext, RewardError, RewardInputs, build_rewards, call_reward, check_rewards
 from fastebm.train.checkpoint import (fingerprint, hf_weights_dir, latest_checkpoint, load_checkpoint, resolve_resume,
                                       load_full_optimizer_state, load_sharded_weights, save_checkpoint,
                                       save_sharded_checkpoint, set_rng_state)
 from fastebm.train.metrics import MetricsWriter, append_skipped
 from fastebm.train.parallel import clip_grad_norm, gathered_params, init_distributed, load_parallel_model, seeded_rollout
+from fastebm.utils import hash_seed
 
 log = logging.getLogger("fastebm")
 
@@ -66,13 +68,6 @@ class TrainingError(RuntimeError):
 class Batch:
     records: list[Record]
     prompts: list[Prompt]
-
-
-def hash_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes and Python versions."""
-    import hashlib
-
-    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
 
 
 def seed_everything(seed: int) -> None:
@@ -138,6 +133,7 @@ class Trainer:
         self.dist = init_distributed(cfg.parallel, self.device, cfg.train.prompts_per_step)
         self.device = self.dist.local_device(self.device)
         seed_everything(cfg.run.seed)
+        check_rewards(cfg.rewards)  # unknown reward names fail before any model loads (plug-ins imported here)
         with self.dist.main_first():  # rank 0 writes the sample data / tiny model, the others read them
             prepare_data(cfg)
             model_path = resolve_model_path(cfg.model)

@@ -19,6 +19,8 @@ import textwrap
 import pytest
 import torch
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # real torchrun processes: the full suite only
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "recipes", "tiny.toml")
 STEPS = 3

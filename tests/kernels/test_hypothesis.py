@@ -2,6 +2,7 @@
 (fp32 inputs, so the tolerance is the fp32 3-way rule)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -53,6 +54,7 @@ def _check(problem, backend):
         assert_3way(o, r, l, torch.float32, name)
 
 
+@pytest.mark.slow
 @settings(max_examples=50, **SETTINGS)
 @given(problem=problems())
 def test_property_triton(problem, small_tiles):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fastebm.config import RolloutConfig
-from fastebm.grpo.loss import compute_grpo_loss, token_logprobs
+from fastebm.grpo.loss import compute_grpo_loss
+from fastebm.kernels.fused_linear_logprobs import eager_token_logprobs as token_logprobs
 from fastebm.model.decode import shared_prefix_rollout
 from fastebm.model.forward import completion_hidden_states, lm_head_weight
 from fastebm.model import packed_attention

@@ -5,7 +5,7 @@ import pytest
 from fastebm.config import RewardsConfig
 from fastebm.rewards import RewardContext, build_rewards
 from fastebm.rewards.accuracy import BertScorer, default_num_layers
-from fastebm.rewards.tiny import ensure_tiny_bert
+from fastebm.tiny import ensure_tiny_bert
 
 from helpers import inputs_for
 

@@ -8,7 +8,7 @@ import torch
 from fastebm.config import RewardsConfig
 from fastebm.rewards import RewardContext, build_rewards
 from fastebm.rewards.text import clip_sentences
-from fastebm.rewards.tiny import ensure_tiny_clip
+from fastebm.tiny import ensure_tiny_clip
 
 from helpers import inputs_for
 

@@ -92,6 +92,7 @@ def test_each_clip_decoded_once_per_step(clips):
 
 
 def test_precompute_fills_the_cache(tmp_path):
+    from fastebm.cli.data import add_precompute_parser
     from fastebm.data import precompute
 
     vids = tmp_path / "data" / "videos"
@@ -107,7 +108,7 @@ def test_precompute_fills_the_cache(tmp_path):
     rpath.write_text(json.dumps(records))
     cache = str(tmp_path / "cache")
     parser = argparse.ArgumentParser()
-    precompute.add_parser(parser.add_subparsers())
+    add_precompute_parser(parser.add_subparsers())
     skipped = tmp_path / "skipped.jsonl"
     args = parser.parse_args(["precompute", str(rpath), "--cache-dir", cache, "--workers", "0",
                               "--skipped", str(skipped), "--set", "video.backend='pyav'"])

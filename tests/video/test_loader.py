@@ -30,6 +30,7 @@ def mixed_paths(tmp_path):
     _release(hang)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("worker_type", ["process", "thread"])
 def test_prefetcher_order_errors_and_timeout(mixed_paths, worker_type):
     paths, good = mixed_paths

@@ -184,7 +184,7 @@ def choose_backend(requested: str, codec: str, path: str = "", *, gpu: Optional[
         if not dali_backend.available():
             raise VideoError(path, "backend 'dali' asked but nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
         if not dali_backend.can_decode(codec, gpu):
-            raise VideoError(path, dali_backend._codec_reason(codec, gpu))
+            raise VideoError(path, dali_backend.codec_reason(codec, gpu))
         return "dali", gpu
     if requested != "auto":
         raise ValueError(f"video backend {requested!r}: expected 'auto', 'pyav' or 'dali'")

@@ -113,7 +113,7 @@ def _read(path: str) -> np.ndarray:
 def decode_frames(path: str, info: StreamInfo, indices: list[int], *, gpu: bool = False) -> torch.Tensor:
     """uint8 [len(indices), H, W, 3] at the given source indices (on the GPU when ``gpu``)."""
     if not can_decode(info.codec, gpu):
-        raise VideoError(path, _codec_reason(info.codec, gpu))
+        raise VideoError(path, codec_reason(info.codec, gpu))
     (video,) = _run(path, "decode", gpu, 0, {"encoded": _read(path),
                                               "frames": np.asarray(indices, dtype=np.int32)})
     out = _to_torch(video)
@@ -127,7 +127,7 @@ def decode_and_resize(path: str, info: StreamInfo, indices: list[int], qwen_hw: 
     from .preprocess import clip_geometry
 
     if not can_decode(info.codec, gpu):
-        raise VideoError(path, _codec_reason(info.codec, gpu))
+        raise VideoError(path, codec_reason(info.codec, gpu))
     feeds = {"encoded": _read(path), "frames": np.asarray(indices, dtype=np.int32),
              "qwen_size": np.asarray(qwen_hw, dtype=np.float32)}
     if clip_size > 0:
@@ -146,7 +146,7 @@ def _check_count(path: str, frames: torch.Tensor, n: int) -> None:
         raise VideoError(path, f"decoded only {frames.shape[0]} of the {n} frames asked: truncated or corrupt stream")
 
 
-def _codec_reason(codec: str, gpu: bool) -> str:
+def codec_reason(codec: str, gpu: bool) -> str:
     if gpu:
         return f"backend 'dali' cannot decode codec {codec} (DALI decodes {', '.join(sorted(GPU_CODECS))})"
     return (f"backend 'dali' on the CPU cannot decode codec {codec}: DALI's CPU decoder takes only "
