@@ -276,7 +276,7 @@ def test_lr_schedule_in_metrics(env, tmp_path):
     """metrics 'lr' is the rate each step's update used: linear warmup, then cosine down to min_lr_ratio."""
     import math
 
-    from fastebm.train.trainer import lr_lambda
+    from fastebm.train.builders import lr_lambda
 
     hist = Trainer(cfg_for(env, tmp_path / "run", "train.steps=5", "train.warmup_steps=2", "train.lr=0.01",
                            "train.min_lr_ratio=0.1", "rollout.group_size=2", "train.checkpoint_every=0")).train()

@@ -195,6 +195,17 @@ def load_sharded_weights(path: str, model, optimizer=None) -> None:
     set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
 
 
+def rank_rng_state(path: str, rank: int, world_size: int) -> Optional[dict]:
+    """Rank ``rank``'s RNG state in a ``dcp`` checkpoint (``rng/<rank>.pt``), or None when the
+    checkpoint was written by another world size (its ranks are not this job's) or has none."""
+    with open(os.path.join(path, META)) as f:
+        written_by = json.load(f).get("world_size", 1)
+    rank_file = os.path.join(path, "rng", f"{rank}.pt")
+    if written_by != world_size or not os.path.isfile(rank_file):
+        return None
+    return torch.load(rank_file, weights_only=False)
+
+
 def load_full_optimizer_state(model, optimizer, state: dict) -> None:
     """An ``hf`` checkpoint's (1-process, index-keyed) optimizer state into a sharded optimizer.
 

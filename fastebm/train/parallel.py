@@ -8,9 +8,11 @@ Everything distributed is PyTorch's own: ``torch.distributed.run`` starts the pr
 (``fastebm.train.checkpoint``). Nothing here talks to another process except through
 ``torch.distributed`` collectives.
 
-``parallelize`` applies everything to a model in one place, in a fixed order (see its body). The
-trainer sees a ``Dist`` object: ``rank``, ``world_size``, ``is_main`` and sum / gather helpers that
-are identities on one process, so the single-process path runs the same code.
+``parallelize`` applies everything to a model in one place: a fixed sequence of named steps
+(``apply_activation_checkpointing``, ``apply_fsdp``, ``apply_root_hooks``, ``apply_sum_reduction``,
+``materialize_from_rank0``, ``init_root``), each small enough to read at once. The trainers see a
+``Dist`` object: ``rank``, ``world_size``, ``is_main`` and sum / gather helpers that are identities
+on one process, so the single-process path runs the same code.
 
 Rollout under FSDP (``gathered_params``): the policy's parameters are all-gathered ONCE per step
 before sampling and kept unsharded until the rollout ends, so decoding runs no collective per
@@ -247,7 +249,90 @@ def load_parallel_model(path: str, device: torch.device, dtype, attn_implementat
     return lm
 
 
-def _materialize(model: torch.nn.Module, weights_from: Optional[torch.nn.Module], pcfg, d: Dist) -> None:
+def parallelize(model: torch.nn.Module, pcfg, d: Dist, *, activation_checkpointing: bool = False,
+                weights_from: Optional[torch.nn.Module] = None) -> None:
+    """Apply activation checkpointing and FSDP2 to a Qwen2-VL / Qwen2.5-VL model, in place.
+
+    The order is fixed (torchtitan's): each step wraps what the next one shards. On one process
+    only activation checkpointing applies (the model stays a plain module). A model built on the
+    meta device (``load_parallel_model``) gets its storage and rank 0's weights (``weights_from``,
+    on rank 0 only) once it is sharded.
+    """
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if not d.enabled:
+        return
+    blocks = apply_fsdp(model, pcfg, d.mesh)  # the blocks, then the root
+    apply_root_hooks(model)
+    apply_sum_reduction([model] + blocks)
+    if any(p.is_meta for p in model.parameters()):
+        materialize_from_rank0(model, weights_from, pcfg, d)
+    init_root(model)
+    d.fsdp_modules[id(model)] = [model] + blocks
+    # The root stays gathered after init_root's forward: shard it again, so that model.parameters()
+    # (the optimizer's and the state dict's view) are the sharded parameters.
+    d.reshard(model)
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer and vision block in the backward (transformers' own wrapper).
+
+    Non-reentrant, so it composes with FSDP2's hooks; applied before sharding, so FSDP's unshard
+    happens inside the recomputation, as in torchtitan.
+    """
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_fsdp(model: torch.nn.Module, pcfg, mesh) -> list[torch.nn.Module]:
+    """``fully_shard`` each vision block and decoder layer, then the root; returns the blocks.
+
+    Mixed precision: parameters are stored (and the optimizer steps) in the loaded dtype — float32
+    master weights for the flagship — all-gathered in ``param_dtype`` for compute, and gradients
+    reduce-scattered in ``reduce_dtype``. A block is all-gathered just before it runs and freed after
+    (``reshard_after_forward``), so at most ~2 blocks are ever unsharded. The root goes last: the
+    embeddings, final norm, vision patch embedding and merger, and the lm_head (tied or not) form the
+    root unit, which FSDP does not reshard after forward (the backward needs it at once), which is
+    also what lets the loss read ``lm_head.weight`` outside ``lm_head.forward``.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    stored = next(model.parameters()).dtype
+    mp = MixedPrecisionPolicy(param_dtype=_dtype(pcfg.param_dtype, stored),
+                              reduce_dtype=_dtype(pcfg.reduce_dtype, stored))
+    offload = CPUOffloadPolicy() if pcfg.cpu_offload else OffloadPolicy()
+    kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
+    inner = model.model
+    blocks = list(inner.visual.blocks) + list(inner.language_model.layers)
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=pcfg.reshard_after_forward, **kw)
+    fully_shard(model, **kw)
+    return blocks
+
+
+def apply_root_hooks(model: torch.nn.Module) -> None:
+    """Unshard the root unit when ``model.model(...)`` is called directly.
+
+    The trainer's passes call ``model.model(...)`` (hidden states, no logits), which skips the root's
+    forward hook: a pre-hook there unshards the root unit too (a no-op when the root's own forward
+    already did, as in generate). Its gradients are reduce-scattered by FSDP's end-of-backward
+    callback, which completes every unit the backward did not reach.
+    """
+    model.model.register_forward_pre_hook(lambda mod, args: model.unshard())
+
+
+def apply_sum_reduction(units: list[torch.nn.Module]) -> None:
+    """Gradients are SUMMED over ranks, not averaged.
+
+    The trainers divide their loss by the GLOBAL number of sequences / target tokens, so the sum is
+    the global gradient. Sum-type collectives only (gloo has no PREMUL_SUM); with a factor of 1
+    nothing is rescaled.
+    """
+    for m in units:
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)
+
+
+def materialize_from_rank0(model: torch.nn.Module, weights_from: Optional[torch.nn.Module], pcfg, d: Dist) -> None:
     """Give a sharded meta-device model its storage and rank 0's weights.
 
     Parameters and persistent buffers: ``set_model_state_dict`` with ``broadcast_from_rank0`` (each
@@ -273,72 +358,15 @@ def _materialize(model: torch.nn.Module, weights_from: Optional[torch.nn.Module]
             buf.copy_(comm)
 
 
-def parallelize(model: torch.nn.Module, pcfg, d: Dist, *, activation_checkpointing: bool = False,
-                weights_from: Optional[torch.nn.Module] = None) -> None:
-    """Apply activation checkpointing and FSDP2 to a Qwen2-VL / Qwen2.5-VL model, in place.
+def init_root(model: torch.nn.Module) -> None:
+    """Fix the FSDP root with a one-token forward through it (every rank, collectively).
 
-    The order is fixed (torchtitan's): each step wraps what the next one shards.
-    On one process only step 1 applies (the model stays a plain module). A model built on the meta
-    device (``load_parallel_model``) gets its storage and rank 0's weights (``weights_from``, on
-    rank 0 only) after sharding.
+    FSDP initialises lazily: the first sharded module whose forward runs becomes the root. The
+    trainers' passes call ``model.model(...)`` directly, which would run a block first and elect it.
     """
-    # 1. Activation checkpointing, per decoder layer and vision block (transformers' own wrapper,
-    #    non-reentrant so it composes with FSDP2's hooks). Before sharding: FSDP's unshard then
-    #    happens inside the recomputation, as in torchtitan.
-    if activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if not d.enabled:
-        return
-
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-    # 2. Mixed precision: parameters are stored (and the optimizer steps) in the loaded dtype —
-    #    float32 master weights for the flagship — and all-gathered in param_dtype for compute;
-    #    gradients are reduce-scattered in reduce_dtype.
-    stored = next(model.parameters()).dtype
-    mp = MixedPrecisionPolicy(param_dtype=_dtype(pcfg.param_dtype, stored),
-                              reduce_dtype=_dtype(pcfg.reduce_dtype, stored))
-    offload = CPUOffloadPolicy() if pcfg.cpu_offload else OffloadPolicy()
-    kw = dict(mesh=d.mesh, mp_policy=mp, offload_policy=offload)
-
-    # 3. One FSDP unit per vision block and per decoder layer: each is all-gathered just before it
-    #    runs and freed after (reshard_after_forward), so at most ~2 blocks are ever unsharded.
-    inner = model.model
-    units = list(inner.visual.blocks) + list(inner.language_model.layers)
-    for block in units:
-        fully_shard(block, reshard_after_forward=pcfg.reshard_after_forward, **kw)
-
-    # 4. Root last: embeddings, final norm, the vision patch embedding and merger, and the lm_head
-    #    (tied or not) form the root unit; the root is not resharded after forward (backward needs
-    #    it at once), which is also what lets the loss read lm_head.weight outside lm_head.forward.
-    fully_shard(model, **kw)
-
-    # 5. The trainer's passes call model.model(...) directly (hidden states, no logits), which
-    #    skips the root's forward hook: unshard the root unit there too (a no-op when the root's
-    #    own forward already did, as in generate). Its gradients are reduce-scattered by FSDP's
-    #    end-of-backward callback, which completes every unit that the backward did not reach.
-    inner.register_forward_pre_hook(lambda mod, args: model.unshard())
-
-    # 6. Gradients are SUMMED over ranks, not averaged: the trainer divides the loss by the
-    #    GLOBAL number of sequences / completion tokens, so the sum is the global gradient.
-    #    Sum-type collectives only (gloo has no PREMUL_SUM); with a factor of 1 nothing is rescaled.
-    for m in [model] + units:
-        m.set_gradient_divide_factor(1.0)
-        m.set_force_sum_reduction_for_comms(True)
-
-    # 7. A meta-device model: storage for this rank's shards, and the weights from rank 0.
-    if any(p.is_meta for p in model.parameters()):
-        _materialize(model, weights_from, pcfg, d)
-
-    # 8. Fix the root now with a one-token forward through it (every rank, collectively), so the
-    #    direct model.model(...) calls above find a lazily-initialised root and not elect a block.
     with torch.no_grad():
         tok = torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device)
         model(input_ids=tok, attention_mask=torch.ones_like(tok), use_cache=False)
-    d.fsdp_modules[id(model)] = [model] + units
-    # The root stays gathered after a forward: shard it again, so that model.parameters() (the
-    # optimizer's and the state dict's view) are the sharded parameters.
-    d.reshard(model)
 
 
 @contextlib.contextmanager
@@ -362,16 +390,6 @@ def gathered_params(model: torch.nn.Module, d: Dist):
             m.reshard()
         for m in mods[1:]:  # the root keeps FSDP's own choice (no reshard after forward)
             m.set_reshard_after_forward(d.reshard_after_forward, recurse=False)
-
-
-def seeded_rollout(sample_fn, model, tokenizer, prompts, cfg, seeds: list[int]):
-    """``sample_fn`` (a rollout function) with one sampling seed per prompt.
-
-    Sampling then depends on (run.seed, step, global prompt index) only, not on which rank holds the
-    prompt or what the other prompts sampled: 2 ranks sample exactly what 1 process samples. Both
-    rollout paths take ``seeds`` (per-prompt generators; the caller's RNG state is left as it was).
-    """
-    return sample_fn(model, tokenizer, prompts, cfg, seeds=seeds)
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

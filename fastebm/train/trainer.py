@@ -26,99 +26,52 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import random
-import signal
 import time
-from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
-from fastebm.config import Config, write_config
-from fastebm.data import DataError
-from fastebm.data.prompts import build_messages, encode_prompt
-from fastebm.data.records import Profiles, Record, RecordSampler, load_usable_records, resolve_video
+from fastebm.config import Config
+from fastebm.data.records import Profiles, Record, RecordSampler
 from fastebm.grpo.advantages import combine_rewards
 from fastebm.grpo.loss import compute_grpo_loss
 from fastebm.model.decode import shared_prefix_rollout
-from fastebm.model.forward import Prompt, completion_hidden_states, lm_head_weight
+from fastebm.model.forward import completion_hidden_states, lm_head_weight
 from fastebm.model.prefix import shared_prefix_hidden_states
-from fastebm.model.loading import LoadedModel, resolve_model_path
+from fastebm.model.loading import LoadedModel
 from fastebm.model.logprobs import scoring_logprobs
 from fastebm.model.rollout import RolloutResult, rollout
 from fastebm.rewards import RewardContext, RewardError, RewardInputs, build_rewards, call_reward, check_rewards
-from fastebm.train.checkpoint import (fingerprint, hf_weights_dir, latest_checkpoint, load_checkpoint, resolve_resume,
-                                      load_full_optimizer_state, load_sharded_weights, save_checkpoint,
-                                      save_sharded_checkpoint, set_rng_state)
-from fastebm.train.metrics import MetricsWriter, append_skipped
-from fastebm.train.parallel import clip_grad_norm, gathered_params, init_distributed, load_parallel_model, seeded_rollout
+from fastebm.train.batches import Batch, BatchSource
+from fastebm.train.builders import (Checkpointer, SkipRecorder, TrainingError, build_data, build_optimizer,
+                                    build_policy, build_reference, build_scheduler, setup_run, video_geometry)
+from fastebm.train.checkpoint import latest_checkpoint, resolve_resume
+from fastebm.train.loop import Progress, train_loop
+from fastebm.train.metrics import MetricsWriter
+from fastebm.train.parallel import Dist, clip_grad_norm, gathered_params
 from fastebm.utils import hash_seed
 
 log = logging.getLogger("fastebm")
 
 
-class TrainingError(RuntimeError):
-    pass
-
-
-@dataclass
-class Batch:
-    records: list[Record]
-    prompts: list[Prompt]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("run.device = 'cuda' but CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def lr_lambda(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr after ``step`` optimiser steps: linear warmup, then cosine or constant."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def prepare_data(cfg: Config) -> None:
-    """Fill data.train / profiles / video_root from the bundled sample dataset when asked to."""
-    d = cfg.data
-    if not d.train and d.sample_dir:
-        from fastebm.data.sample import write_sample_dataset
-
-        paths = write_sample_dataset(os.path.expanduser(d.sample_dir))
-        d.train = paths["train"]
-        d.profiles = d.profiles or paths["profiles"]
-        d.cot = d.cot or paths["cot"]
-        d.video_root = d.video_root or paths["video_root"]
-    if not d.train:
-        raise DataError("data.train: no records file given (set data.train, or data.sample_dir for the sample data)")
-
-
 class Trainer:
     cfg: Config
+    run_dir: str
     device: torch.device
+    dist: Dist
+    skips: SkipRecorder
+    records: list[Record]
+    profiles: Profiles
+    sampler: RecordSampler
     policy: LoadedModel
     reference: Optional[LoadedModel]
-    records: list[Record]
-    sampler: RecordSampler
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    checkpointer: Checkpointer
     step: int
+    metrics: MetricsWriter
+    batches: BatchSource
 
     # ------------------------------------------------------------------------------------------
     # Construction, in dependency order
@@ -126,38 +79,18 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.run_dir = os.path.expanduser(cfg.run.output_dir)
-        os.makedirs(self.run_dir, exist_ok=True)
-        self.device = pick_device(cfg.run.device)
-        # One process, or one rank of a torchrun job: rank, world size, collectives (parallel.py).
-        self.dist = init_distributed(cfg.parallel, self.device, cfg.train.prompts_per_step)
-        self.device = self.dist.local_device(self.device)
-        seed_everything(cfg.run.seed)
-        check_rewards(cfg.rewards)  # unknown reward names fail before any model loads (plug-ins imported here)
-        with self.dist.main_first():  # rank 0 writes the sample data / tiny model, the others read them
-            prepare_data(cfg)
-            model_path = resolve_model_path(cfg.model)
-        if self.dist.is_main:
-            write_config(cfg, self.run_dir)
+        check_rewards(cfg.rewards)  # unknown reward names fail before anything is built (plug-ins imported here)
+        env = setup_run(cfg, records="train")  # run dir, device, process group, seed, sample data, config.toml
+        self.run_dir, self.device, self.dist = env.run_dir, env.device, env.dist
 
-        self.skipped_path = os.path.join(self.run_dir, "skipped.jsonl")
-        self.samples_skipped = 0
-        self.records = self._load_records()
-        self.profiles = Profiles.load(cfg.data.profiles)
-        self.sampler = RecordSampler(len(self.records), cfg.run.seed)
-
+        self.skips = SkipRecorder(self.run_dir, self.dist, lambda: getattr(self, "step", 0))
+        self.records, self.profiles, self.sampler = build_data(cfg.data.train, cfg.data.profiles, cfg.run.seed,
+                                                               self.skips)
         resume_from = resolve_resume(cfg.train.resume, self.run_dir)
-        # A dcp checkpoint has no from_pretrained weights: start from the model, load the shards in _restore.
-        # Under FSDP only rank 0 reads weights; the others build on the meta device and get their shards.
-        self.policy = load_parallel_model(hf_weights_dir(resume_from) or model_path, self.device, cfg.model.dtype,
-                                          cfg.model.attn_implementation, cfg.parallel, self.dist, trainable=True,
-                                          activation_checkpointing=cfg.model.gradient_checkpointing)
+        self.policy = build_policy(cfg.model, cfg.parallel, env, resume_from)
         self.reference = None
         if cfg.grpo.beta != 0 or "pcg" in cfg.rewards.enabled:
-            # Always the *initial* weights (or reference_path), also when resuming. Sharded too, eval mode, no grads.
-            self.reference = load_parallel_model(os.path.expanduser(cfg.model.reference_path) or model_path,
-                                                 self.device, cfg.model.dtype, cfg.model.attn_implementation,
-                                                 cfg.parallel, self.dist, trainable=False)
+            self.reference = build_reference(cfg.model, cfg.parallel, env)
         # Reward models live on every rank, scoring that rank's completions (rank 0 builds caches first).
         with self.dist.main_first():
             self.rewards = build_rewards(cfg.rewards.enabled, cfg.rewards,
@@ -165,96 +98,39 @@ class Trainer:
                                                        reference=self.reference, tiny_cache_dir=cfg.model.tiny_cache_dir,
                                                        video_cache_dir=cfg.video.cache_dir, kernel=cfg.grpo.kernel,
                                                        shared_prefix=cfg.rollout.shared_prefix))
-
-        params = [p for p in self.policy.model.parameters() if p.requires_grad]
-        t = cfg.train
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-        total_updates = t.steps * cfg.grpo.mu
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_lambda(s, total_updates, t.warmup_steps, t.lr_schedule, t.min_lr_ratio))
-        self.fingerprint = fingerprint(self.policy.model.config.to_dict(), len(self.records))
-        self.step = 0
-        if resume_from:
-            self._restore(resume_from)
+        self.optimizer = build_optimizer(self.policy.model, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train, cfg.train.steps * cfg.grpo.mu)
+        self.checkpointer = Checkpointer(self.run_dir, self.policy, self.optimizer, self.scheduler, self.sampler,
+                                         self.skips, self.profiles, self.dist, keep=cfg.train.keep_checkpoints)
+        self.step = self.checkpointer.restore(resume_from) if resume_from else 0
         self.metrics = MetricsWriter(self.run_dir, cfg.log.tensorboard,  # rank 0 writes metrics.jsonl
                                      resume_step=self.step if resume_from else None, enabled=self.dist.is_main)
-        self._stop_requested = False
-        self._video_sample_kwargs = self._vision_geometry()
-        self._ahead: dict = {}   # path -> Future of its VideoSample, decoded ahead (see _decode_ahead)
-        self._pool = None        # decode threads (video.num_workers), started on first use
+        self._video_sample_kwargs = video_geometry(self.policy.model)
+        self.batches = BatchSource(self.records, self.sampler, self.profiles, self.policy.tokenizer, self.skips,
+                                   self.dist, prompts_per_step=cfg.train.prompts_per_step, data_cfg=cfg.data,
+                                   video_cfg=cfg.video, geometry=self._video_sample_kwargs,
+                                   records_file=cfg.data.train)
 
-    def _load_records(self) -> list[Record]:
-        """Every usable record; malformed ones are skipped, counted and recorded, never fatal alone."""
-        return load_usable_records(self.cfg.data.train, self._skip)
-
-    def _restore(self, path: str) -> None:
-        state = load_checkpoint(path, self.fingerprint)
-        if state["format"] == "dcp":  # sharded weights + optimizer, resharded to this world size
-            load_sharded_weights(path, self.policy.model, self.optimizer)
-            rank_rng = os.path.join(path, "rng", f"{self.dist.rank}.pt")
-            if state["world_size"] == self.dist.world_size and os.path.isfile(rank_rng):
-                state["rng"] = torch.load(rank_rng, weights_only=False)
-        elif self.dist.enabled:  # a 1-process checkpoint on many ranks: shard its optimizer state
-            load_full_optimizer_state(self.policy.model, self.optimizer, state["optimizer"])
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state(state["sampler"])
-        self.samples_skipped = state.get("samples_skipped", self.samples_skipped)
-        self.profiles.missing = dict(state.get("profiles_missing", {})) if self.dist.is_main else {}  # merged at save
-        set_rng_state(state["rng"])
-        self.step = state["step"]
-        log.info("resumed from %s at step %d", path, self.step)
-
-    def _vision_geometry(self) -> dict:
-        v = self.policy.model.config.vision_config
-        return dict(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-                    merge_size=v.spatial_merge_size)
+    @property
+    def samples_skipped(self) -> int:
+        """Samples skipped so far, every rank's (``SkipRecorder.count``; restored on resume)."""
+        return self.skips.count
 
     # ------------------------------------------------------------------------------------------
     # The loop
     # ------------------------------------------------------------------------------------------
 
     def train(self) -> list[dict]:
-        cfg = self.cfg
-        history = []
-        prev_handler = signal.signal(signal.SIGINT, self._on_sigint)
-        progress = _Progress(cfg.train.steps, self.step, enabled=cfg.log.progress)
-        try:
-            while self.step < cfg.train.steps:
-                m = self.train_step()
-                history.append(m)
-                progress.update(self.step, m)
-                every = cfg.train.checkpoint_every
-                if every and self.step % every == 0 and self.step < cfg.train.steps:
-                    self.save()
-                if self.dist.any(self._stop_requested):  # every rank stops after the same step
-                    self._stop_requested = True
-                    log.warning("interrupted: saving a checkpoint at step %d and stopping", self.step)
-                    self.save()
-                    raise KeyboardInterrupt
-            if not self._stop_requested:
-                self.save()
-        finally:
-            progress.close()
-            signal.signal(signal.SIGINT, prev_handler)
-            self.close()
-        return history
+        """``train.steps`` steps (``fastebm.train.loop.train_loop``): a checkpoint every
+        ``train.checkpoint_every`` steps and at the end; Ctrl-C finishes the step, saves and exits."""
+        t = self.cfg.train
+        return train_loop(self, t.steps, t.checkpoint_every, Progress(t.steps, self.step, self.cfg.log.progress,
+                                                                      _describe))
 
     def close(self) -> None:
         """Stop the video decode threads and close the metrics writers."""
-        if self._pool is not None:
-            for f in self._ahead.values():
-                f.cancel()
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool, self._ahead = None, {}
+        self.batches.close()
         self.metrics.close()
-
-    def _on_sigint(self, signum, frame):
-        if self._stop_requested:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self._stop_requested = True
-        log.warning("Ctrl-C: finishing step %d, then saving and exiting (press again to abort)", self.step + 1)
 
     def train_step(self) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
@@ -309,85 +185,18 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def next_batch(self) -> Batch:
-        """This rank's ``prompts_per_step / world_size`` prompts (whole groups), each clip decoded once.
-
-        Every rank holds the same seeded RecordSampler and draws the same candidates; rank r takes
-        its slice. A bad video is skipped and replaced: the ranks exchange their skips (one object
-        all-gather per round), every rank draws the replacements of all ranks in rank order, so the
-        sampler stays identical everywhere (resume continues mid-epoch on every rank) and the global
-        batch is the 1-process batch. Rank 0 writes every rank's skips to skipped.jsonl.
-        """
-        from fastebm.data.video import VideoError
-
-        d = self.dist
-        records, prompts, failures = [], [], 0
-        need = [self.cfg.train.prompts_per_step // d.world_size] * d.world_size
-        while sum(need):
-            candidates = [self.records[self.sampler.next()] for _ in range(sum(need))]
-            start = sum(need[:d.rank])
-            skips = []
-            mine = candidates[start:start + need[d.rank]]
-            self._decode_ahead([resolve_video(rec, self.cfg.data.video_root) for rec in mine])
-            for rec in mine:
-                path = resolve_video(rec, self.cfg.data.video_root)
-                try:
-                    video = self._decoded(path)
-                except VideoError as e:
-                    skips.append(dict(file=path, record=rec.index, problem_id=rec.problem_id, reason=str(e)))
-                    continue
-                messages = build_messages(rec, self.profiles.get(rec.data_source, rec.assistant), self.cfg.data.tags,
-                                          self.cfg.data.max_history_turns)
-                ids = encode_prompt(self.policy.tokenizer, messages, video.num_video_tokens)
-                records.append(rec)
-                prompts.append(Prompt(ids, video))
-            need = []
-            for rank_skips in d.all_gather_object(skips):
-                for entry in rank_skips:
-                    self._skip(**entry)
-                need.append(len(rank_skips))
-            failures += sum(need)
-            if failures >= len(self.records):
-                raise DataError(f"{self.cfg.data.train}: {failures} videos failed in one batch; "
-                                f"see {self.skipped_path}")
-        if self.step + 1 < self.cfg.train.steps:  # the next batch's clips decode while this step runs
-            per = self.cfg.train.prompts_per_step // d.world_size
-            nxt = self.sampler.peek(self.cfg.train.prompts_per_step)[d.rank * per:(d.rank + 1) * per]
-            self._decode_ahead([resolve_video(self.records[i], self.cfg.data.video_root) for i in nxt])
-        return Batch(records, prompts)
-
-    def _decode_ahead(self, paths: list[str]) -> None:
-        """Start decoding ``paths`` on the ``video.num_workers`` decode threads (PyAV and DALI do their
-        work outside the GIL). A guess that turns out wrong (a skipped video changes the draw) costs one
-        wasted decode, never a wrong sample: results are looked up by path."""
-        if self.cfg.video.num_workers <= 0:
-            return
-        if self._pool is None:
-            from fastebm.data.video.api import decode_thread_pool
-
-            self._pool = decode_thread_pool(self.cfg.video.num_workers)  # torch single-threaded in them
-        from fastebm.data.video import load_video_sample
-
-        for path in paths:
-            if path not in self._ahead:
-                self._ahead[path] = self._pool.submit(load_video_sample, path, self.cfg.video,
-                                                      **self._video_sample_kwargs)
-
-    def _decoded(self, path: str):
-        """The VideoSample of ``path``: decoded ahead, or here (each clip once per use either way).
-        A failed decode raises VideoError (the per-file time limit included)."""
-        fut = self._ahead.pop(path, None)
-        if fut is not None:
-            return fut.result()
-        from fastebm.data.video import load_video_sample
-
-        return load_video_sample(path, self.cfg.video, **self._video_sample_kwargs)
+        """This rank's ``prompts_per_step / world_size`` prompts (whole groups), each clip decoded once
+        and ahead of time; a bad video is skipped, recorded and replaced the same way on every rank,
+        so the global batch is the 1-process batch (``fastebm.train.batches.BatchSource``)."""
+        return self.batches.next(prefetch_next=self.step + 1 < self.cfg.train.steps)
 
     def rollout(self, batch: Batch) -> RolloutResult:
         """G completions per prompt: on the shared prefix (cascade attention) or the repeated path."""
         sample = shared_prefix_rollout if self.cfg.rollout.shared_prefix else rollout
         with gathered_params(self.policy.model, self.dist):  # full weights once per step, not per token
-            return seeded_rollout(sample, self.policy.model, self.policy.tokenizer, batch.prompts, self.cfg.rollout,
-                                  self._rollout_seeds(len(batch.prompts)))
+            # One sampling seed per prompt: 2 ranks sample exactly what 1 process samples.
+            return sample(self.policy.model, self.policy.tokenizer, batch.prompts, self.cfg.rollout,
+                          seeds=self._rollout_seeds(len(batch.prompts)))
 
     def _rollout_seeds(self, n: int) -> list[int]:
         """Sampling seed of each of this rank's prompts, from (run.seed, step, global prompt index):
@@ -571,35 +380,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def save(self) -> str:
-        """A checkpoint of this step: ``hf`` format on one process, sharded ``dcp`` on many (collective)."""
-        state = {"scheduler": self.scheduler.state_dict(),
-                 "sampler": self.sampler.state(), "samples_skipped": self.samples_skipped,
-                 "profiles_missing": self._merged_profiles_missing()}
-        if self.dist.enabled:
-            path = save_sharded_checkpoint(self.run_dir, self.step, self.policy.model, self.optimizer,
-                                           self.policy.tokenizer, state, self.fingerprint, self.dist,
-                                           keep=self.cfg.train.keep_checkpoints)
-        else:
-            state["optimizer"] = self.optimizer.state_dict()
-            path = save_checkpoint(self.run_dir, self.step, self.policy.model, self.policy.tokenizer, state,
-                                   self.fingerprint, keep=self.cfg.train.keep_checkpoints)
-        log.info("checkpoint: %s", path)
-        return path
-
-    def _merged_profiles_missing(self) -> dict:
-        merged: dict = {}
-        for part in self.dist.all_gather_object(dict(self.profiles.missing)):
-            for k, v in part.items():
-                merged[k] = merged.get(k, 0) + v
-        return merged
-
-    def _skip(self, **entry) -> None:
-        """Count a skipped sample; rank 0 records it (callers pass every rank's skips to every rank)."""
-        self.samples_skipped += 1
-        if not self.dist.is_main:
-            return
-        log.warning("skipped sample: %s", entry.get("reason"))
-        append_skipped(self.skipped_path, getattr(self, "step", 0) + 1, entry)
+        """A checkpoint of this step (``Checkpointer``: ``hf`` on one process, sharded ``dcp`` on many; collective)."""
+        return self.checkpointer.save(self.step)
 
     def _write_samples(self, batch: Batch, roll: RolloutResult, rewards: dict) -> None:
         with open(os.path.join(self.run_dir, "samples.jsonl"), "a") as f:
@@ -609,29 +391,6 @@ class Trainer:
                                     **{f"reward/{n}": v[i] for n, v in rewards.items()}}) + "\n")
 
 
-class _Progress:
-    """A rich progress bar with ETA, or one log line per step when disabled / not a terminal."""
-
-    def __init__(self, total: int, start: int, enabled: bool):
-        import sys
-
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                TimeRemainingColumn())
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
-            self.bar.start()
-
-    def update(self, step: int, m: dict) -> None:
-        info = f"loss {m['loss']:+.4f}  reward {m['reward/total']:+.3f}  kl {m['kl']:.4f}  {m['time/step_s']:.2f}s/step"
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-        else:
-            log.info("step %d: %s", step, info)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+def _describe(m: dict) -> str:
+    """The progress line of a GRPO step."""
+    return f"loss {m['loss']:+.4f}  reward {m['reward/total']:+.3f}  kl {m['kl']:.4f}  {m['time/step_s']:.2f}s/step"

@@ -1,0 +1,141 @@
+"""The batch source shared by the trainers: each step, this rank's share of whole prompts.
+
+    batches = BatchSource(data.records, data.sampler, data.profiles, policy.tokenizer, skips, env.dist,
+                          prompts_per_step=cfg.train.prompts_per_step, data_cfg=cfg.data, video_cfg=cfg.video,
+                          geometry=video_geometry(policy.model), records_file=cfg.data.train)
+    batch = batches.next(prefetch_next=step + 1 < steps)   # Batch(records, prompts)
+
+GRPO rolls the prompts out; SFT appends each record's target. The video decode is behind two calls
+(``DecodeAhead.prefetch(paths)``: start decoding these; ``DecodeAhead.get(path)``: this path's
+sample), so the decoder can be swapped without touching the batch logic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastebm.data import DataError
+from fastebm.data.prompts import build_messages, encode_prompt
+from fastebm.data.records import Profiles, Record, RecordSampler, resolve_video
+from fastebm.data.video import VideoError
+from fastebm.model.forward import Prompt
+from fastebm.train.builders import SkipRecorder
+from fastebm.train.parallel import Dist
+
+
+@dataclass
+class Batch:
+    records: list[Record]
+    prompts: list[Prompt]
+
+
+class BatchSource:
+    """This rank's ``prompts_per_step / world_size`` prompts per step (whole groups), each clip decoded once.
+
+    Every rank holds the same seeded RecordSampler and draws the same candidates; rank r takes
+    its slice. A bad video is skipped and replaced: the ranks exchange their skips (one object
+    all-gather per round), every rank draws the replacements of all ranks in rank order, so the
+    sampler stays identical everywhere (resume continues mid-epoch on every rank) and the global
+    batch is the 1-process batch. Rank 0 writes every rank's skips to skipped.jsonl.
+
+    Clips are decoded ahead of use on the ``video.num_workers`` decode threads: this batch's, then
+    (when asked) the next batch's while the step runs.
+    """
+
+    def __init__(self, records: list[Record], sampler: RecordSampler, profiles: Profiles, tokenizer,
+                 skips: SkipRecorder, dist: Dist, *, prompts_per_step: int, data_cfg, video_cfg, geometry: dict,
+                 records_file: str):
+        self.records, self.sampler, self.profiles, self.tokenizer = records, sampler, profiles, tokenizer
+        self.skips, self.dist, self.data_cfg, self.records_file = skips, dist, data_cfg, records_file
+        self.per_rank = prompts_per_step // dist.world_size
+        self.video = DecodeAhead(video_cfg, geometry)
+
+    def next(self, prefetch_next: bool = True) -> Batch:
+        """The next batch; with ``prefetch_next`` the following batch's clips start decoding now."""
+        d = self.dist
+        records, prompts, failures = [], [], 0
+        need = [self.per_rank] * d.world_size  # prompts still missing, per rank
+        while sum(need):
+            candidates = [self.records[self.sampler.next()] for _ in range(sum(need))]
+            start = sum(need[:d.rank])
+            mine = candidates[start:start + need[d.rank]]
+            self.video.prefetch([self._path(rec) for rec in mine])
+            skips = []
+            for rec in mine:
+                path = self._path(rec)
+                try:
+                    video = self.video.get(path)
+                except VideoError as e:
+                    skips.append(dict(file=path, record=rec.index, problem_id=rec.problem_id, reason=str(e)))
+                    continue
+                records.append(rec)
+                prompts.append(self._prompt(rec, video))
+            need = []
+            for rank_skips in d.all_gather_object(skips):
+                for entry in rank_skips:
+                    self.skips(**entry)
+                need.append(len(rank_skips))
+            failures += sum(need)
+            if failures >= len(self.records):
+                raise DataError(f"{self.records_file}: {failures} videos failed in one batch; "
+                                f"see {self.skips.path}")
+        if prefetch_next:  # the next batch's clips decode while this step runs
+            upcoming = self.sampler.peek(self.per_rank * d.world_size)[d.rank * self.per_rank:
+                                                                      (d.rank + 1) * self.per_rank]
+            self.video.prefetch([self._path(self.records[i]) for i in upcoming])
+        return Batch(records, prompts)
+
+    def close(self) -> None:
+        self.video.close()
+
+    def _path(self, rec: Record) -> str:
+        return resolve_video(rec, self.data_cfg.video_root)
+
+    def _prompt(self, rec: Record, video) -> Prompt:
+        """The prompt ids exactly as the rollout sees them: system + user turn with the video."""
+        d = self.data_cfg
+        messages = build_messages(rec, self.profiles.get(rec.data_source, rec.assistant), d.tags,
+                                  d.max_history_turns)
+        return Prompt(encode_prompt(self.tokenizer, messages, video.num_video_tokens), video)
+
+
+class DecodeAhead:
+    """Clips decoded ahead of use on ``video.num_workers`` threads (PyAV and DALI do their work
+    outside the GIL), looked up by path. Two calls: ``prefetch(paths)`` and ``get(path)``."""
+
+    def __init__(self, video_cfg, geometry: dict):
+        self.cfg, self.geometry = video_cfg, geometry
+        self._ahead: dict = {}  # path -> Future of its VideoSample
+        self._pool = None       # the decode threads, started on first use
+
+    def prefetch(self, paths: list[str]) -> None:
+        """Start decoding ``paths``. A guess that turns out wrong (a skipped video changes the draw)
+        costs one wasted decode, never a wrong sample: results are looked up by path."""
+        if self.cfg.num_workers <= 0:
+            return
+        if self._pool is None:
+            from fastebm.data.video.api import decode_thread_pool
+
+            self._pool = decode_thread_pool(self.cfg.num_workers)  # torch single-threaded in them
+        from fastebm.data.video import load_video_sample
+
+        for path in paths:
+            if path not in self._ahead:
+                self._ahead[path] = self._pool.submit(load_video_sample, path, self.cfg, **self.geometry)
+
+    def get(self, path: str):
+        """The VideoSample of ``path``: decoded ahead, or here (each clip once per use either way).
+        A failed decode raises VideoError (the per-file time limit included)."""
+        fut = self._ahead.pop(path, None)
+        if fut is not None:
+            return fut.result()
+        from fastebm.data.video import load_video_sample
+
+        return load_video_sample(path, self.cfg, **self.geometry)
+
+    def close(self) -> None:
+        """Stop the decode threads (decodes not started are cancelled)."""
+        if self._pool is not None:
+            for f in self._ahead.values():
+                f.cancel()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool, self._ahead = None, {}
