@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 
 import torch
 
@@ -43,7 +44,9 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> str:
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     model.to_empty(device="cpu")
     state = model.state_dict()  # FQN -> tensor, the keys the trainer's get_state_dict wrote
-    dcp.load({"model": state}, checkpoint_id=checkpoint, no_dist=True)  # reads every shard here, alone
+    with warnings.catch_warnings():  # DCP warns that it "assumes the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": state}, checkpoint_id=checkpoint, no_dist=True)  # every shard, here, alone
     model.load_state_dict(state)
     # Non-persistent buffers (rotary inverse frequencies) are not saved: from_pretrained recomputes them.
     model.save_pretrained(out_dir, safe_serialization=True)
