@@ -51,6 +51,7 @@ setup(
             "sentence-transformers>=3",  # the reference the PCG safeguard's embedder is tested against
             "rouge-score>=0.1.2",  # the reference the ROUGE-L accuracy fallback is tested against
             "tensorboard>=2.16",  # log.tensorboard is tested
+            "import-linter>=2.1",  # the layering contracts in .importlinter (tests/test_layers.py)
         ],
         "video": ["nvidia-dali-cuda130>=2.4,<2.5"],
         "gpu": ["flash-attn>=2.7"],

@@ -24,8 +24,9 @@ alone when nothing is kept. One embedder pass per step for all sentences and ans
 
 Cost: ONE batched teacher forward per prompt group (its G+1 sequences; the base sequence is shared
 by the group) — the reference runs G+1 sequential forwards and re-runs the processor each time.
-With ``rollout.shared_prefix`` it is one packed pass over a single copy of the prefix, and the
-trainer packs it together with the reference model's KL pass (see ``PCGReward``).
+With ``rollout.shared_prefix`` it is one packed pass over a single copy of the prefix. PCG uses the
+teacher protocol (fastebm.rewards.registry), so in training its sequences ride along in the
+reference model's KL pass: the prefix runs once per prompt group for both.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from fastebm.rewards.registry import register
+from fastebm.rewards.registry import TeacherRequest, register, score_requests
 from fastebm.rewards.text import split_sentences, vision_think_blocks
 
 
@@ -119,19 +120,6 @@ def safeguard_blocks(embedder: SentenceEmbedder, blocks: list[Optional[tuple[str
     return out, stats
 
 
-def answer_mean_logprob(model, cb, n: int, kernel: str = "fused") -> torch.Tensor:
-    """Mean log-prob (B,) of the last ``n`` tokens of every suffix of a CompletionBatch ``cb``."""
-    from fastebm.model.forward import lm_head_weight
-    from fastebm.model.logprobs import scoring_logprobs
-
-    dev = cb.hidden.device
-    lens = cb.mask.sum(1)                                                          # (B,)
-    idx = (lens[:, None] - n + torch.arange(n, device=dev)[None]).clamp(min=0)     # (B, n): the answer tokens
-    hidden = cb.hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, cb.hidden.shape[-1]))  # (B, n, H)
-    ids = cb.ids.gather(1, idx)
-    return scoring_logprobs(hidden, lm_head_weight(model), ids, 1.0, kernel=kernel).mean(dim=1)
-
-
 @torch.no_grad()
 def teacher_answer_loglik(teacher, prompt, contexts: list[list[int]], answer_ids: list[int],
                           kernel: str = "fused", shared_prefix: bool = False) -> torch.Tensor:
@@ -141,14 +129,13 @@ def teacher_answer_loglik(teacher, prompt, contexts: list[list[int]], answer_ids
     Returns (len(contexts),) float32; pass ``[]`` among ``contexts`` for the answer right after the prompt.
     ``shared_prefix``: one packed row (the prompt and video once) instead of one sequence per context.
     """
-    from fastebm.model.forward import completion_hidden_states
-    from fastebm.model.prefix import shared_prefix_hidden_states
+    from fastebm.model.logprobs import suffix_logprobs
 
     seqs = [list(c) + list(answer_ids) for c in contexts]
     pad = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0
-    forward = shared_prefix_hidden_states if shared_prefix else completion_hidden_states
-    cb = forward(teacher.model, [prompt], seqs, [0] * len(seqs), pad_id=pad)
-    return answer_mean_logprob(teacher.model, cb, len(answer_ids), kernel)
+    scored = suffix_logprobs(teacher.model, [prompt], seqs, [0] * len(seqs), 1.0, kernel=kernel,
+                             shared_prefix=shared_prefix, pad_id=pad)
+    return torch.stack([lp[-len(answer_ids):].mean() for lp in scored.logprobs])
 
 
 @dataclass
@@ -165,10 +152,11 @@ class PCGGroup:
 
 
 class PCGReward:
-    """``plan`` (what the teacher must score) -> one teacher pass per group -> ``finish``.
-
-    The trainer may run the teacher passes itself, packed with the reference model's KL pass on the
-    same shared prefix (``Trainer.score_reference``); called directly, the reward runs them alone.
+    """PCG through the teacher protocol (fastebm.rewards.registry): ``teacher_requests`` asks for
+    one group of sequences per prompt (each member's context + answer, and the answer alone);
+    ``score_with_teacher`` turns their answer log-probs into rewards. In training the trainer
+    scores the requests inside its reference pass; called directly, the reward scores them itself
+    (one teacher forward per prompt group).
     """
 
     def __init__(self, cfg, context):
@@ -209,25 +197,25 @@ class PCGReward:
             groups.append(PCGGroup(p, members, contexts, answer_ids))
         return groups
 
-    @staticmethod
-    def finish(n: int, groups: list[PCGGroup], logliks: list[torch.Tensor]) -> list[float]:
-        """Rewards from each group's mean answer log-likelihoods (members..., base)."""
-        out = [0.0] * n
-        for g, ll in zip(groups, logliks):
+    def teacher_requests(self, completions, inputs) -> list[TeacherRequest]:
+        return [TeacherRequest(g.prompt, g.suffixes(), meta=g) for g in self.plan(completions, inputs)]
+
+    def score_with_teacher(self, completions, inputs, requests, logprobs) -> list[float]:
+        """Each member's mean answer log-prob with its blocks minus the group's base (answer alone)."""
+        out = [0.0] * len(completions)
+        for req, lps in zip(requests, logprobs):
+            g, n = req.meta, len(req.meta.answer_ids)
+            ll = [float(lp[-n:].double().mean()) for lp in lps]   # members..., base
             for j, i in enumerate(g.members):
-                out[i] = float(ll[j] - ll[-1])
+                out[i] = ll[j] - ll[-1]
         return out
 
     def __call__(self, completions, inputs):
-        from fastebm.model.forward import Prompt
-
-        groups = self.plan(completions, inputs)
-        ll = [teacher_answer_loglik(self.teacher, Prompt(inputs.prompt_ids[g.prompt], inputs.videos[g.prompt]),
-                                    g.contexts + [[]], g.answer_ids, self.kernel, self.shared_prefix)
-              for g in groups]  # one teacher pass per prompt group
-        return self.finish(len(completions), groups, ll)
+        requests = self.teacher_requests(completions, inputs)
+        logprobs = score_requests(self.teacher, inputs, requests, kernel=self.kernel, shared_prefix=self.shared_prefix)
+        return self.score_with_teacher(completions, inputs, requests, logprobs)
 
 
-@register("pcg")
+@register("pcg", needs_teacher=True)
 def make_pcg_reward(cfg, context):
     return PCGReward(cfg, context)

@@ -1,4 +1,24 @@
-"""The reward registry, the inputs every reward receives, and how a failing reward is handled."""
+"""The reward registry, the inputs every reward receives, the teacher protocol, and how a failing
+reward is handled.
+
+A reward is registered as a factory, ``factory(rewards_cfg, context) -> fn``, built once per run;
+``fn(completions, inputs) -> list[float]`` scores one step's batch (one value per completion,
+prompt-major). That call is the whole contract for most rewards.
+
+The teacher protocol. A reward that needs the frozen teacher (the reference model) to score token
+sequences after a prompt — PCG does — registers with ``needs_teacher=True`` (so the trainer loads
+the reference model even when the KL weight is 0) and its ``fn`` also has two methods:
+
+    fn.teacher_requests(completions, inputs) -> list[TeacherRequest]
+    fn.score_with_teacher(completions, inputs, requests, logprobs) -> list[float]
+
+The trainer collects every such reward's requests, scores them in the reference model's KL pass
+(one packed forward per prompt group, the prompt's video + text prefix run once for the KL
+completions and every request of that prompt), and hands each reward ``logprobs[j][k]``: the fp32
+log-probs (temperature 1) of the tokens of ``requests[j].suffixes[k]``, given the prompt and the
+suffix's preceding tokens. Called directly, ``fn(completions, inputs)`` runs the same requests on
+its own (``score_requests``), so evaluation and tests use the same code path.
+"""
 from __future__ import annotations
 
 import logging
@@ -14,14 +34,37 @@ class RewardError(RuntimeError):
     """A reward model failed (or returned the wrong number of values); the message names the reward."""
 
 
-def register(name: str):
-    """Decorator: register a reward factory ``factory(rewards_cfg, context) -> fn`` under ``name``."""
+def register(name: str, *, needs_teacher: bool = False):
+    """Decorator: register a reward factory ``factory(rewards_cfg, context) -> fn`` under ``name``.
+
+    ``needs_teacher``: the reward uses the teacher protocol (see the module docstring); the trainer
+    then loads the frozen reference model and passes it as ``context.reference``.
+    """
     def deco(factory):
         if name in REWARDS:
             raise ValueError(f"reward {name!r} registered twice")
+        factory.needs_teacher = bool(needs_teacher)
         REWARDS[name] = factory
         return factory
     return deco
+
+
+def needs_teacher(names: Sequence[str]) -> bool:
+    """Whether any of the registered rewards ``names`` uses the teacher pass."""
+    return any(getattr(REWARDS.get(n), "needs_teacher", False) for n in names)
+
+
+def uses_teacher(fn) -> bool:
+    """Whether a built reward implements the teacher protocol."""
+    return callable(getattr(fn, "teacher_requests", None)) and callable(getattr(fn, "score_with_teacher", None))
+
+
+@dataclass
+class TeacherRequest:
+    """Token sequences to score with the frozen teacher after prompt ``prompt`` of the batch."""
+    prompt: int                                   # index of the prompt in RewardInputs.records
+    suffixes: list[list[int]] = field(default_factory=list)   # token ids, each scored on its own after the prompt
+    meta: Any = None                              # the reward's own bookkeeping, handed back unchanged
 
 
 @dataclass
@@ -104,6 +147,28 @@ def build_rewards(names: Sequence[str], cfg, context: RewardContext) -> dict[str
     return {n: REWARDS[n](cfg, context) for n in names}
 
 
+def guarded(name: str, thunk: Callable[[], Any], n: int, on_error: str = "raise") -> tuple[Any, bool]:
+    """``(thunk(), True)``; when it raises: with ``on_error = "raise"`` a ``RewardError`` naming the
+    reward, with ``"zero"`` a warning and ``(None, False)`` (the caller scores the ``n`` completions 0)."""
+    try:
+        return thunk(), True
+    except Exception as e:
+        if on_error != "zero":
+            if isinstance(e, RewardError):
+                raise
+            raise RewardError(f"reward {name!r} failed: {type(e).__name__}: {e}") from e
+        log.warning("reward %r failed (%s: %s); scoring %d completions 0 (rewards.on_error = 'zero')",
+                    name, type(e).__name__, e, n)
+        return None, False
+
+
+def _values(name: str, vals, n: int) -> list[float]:
+    out = [float(x) for x in vals]
+    if len(out) != n:
+        raise RewardError(f"reward {name!r} returned {len(out)} values for {n} completions")
+    return out
+
+
 def call_reward(name: str, fn: Callable, completions: list[str], inputs: RewardInputs,
                 on_error: str = "raise") -> tuple[list[float], int]:
     """Run one reward on the batch: ``(values, errors)``.
@@ -114,16 +179,32 @@ def call_reward(name: str, fn: Callable, completions: list[str], inputs: RewardI
     ``reward/<name>_errors``): a failure is never a silent 0.
     """
     n = len(completions)
-    try:
-        vals = [float(x) for x in fn(completions, inputs)]
-        if len(vals) != n:
-            raise RewardError(f"reward {name!r} returned {len(vals)} values for {n} completions")
-    except Exception as e:
-        if on_error != "zero":
-            if isinstance(e, RewardError):
-                raise
-            raise RewardError(f"reward {name!r} failed: {type(e).__name__}: {e}") from e
-        log.warning("reward %r failed (%s: %s); scoring %d completions 0 (rewards.on_error = 'zero')",
-                    name, type(e).__name__, e, n)
-        return [0.0] * n, n
-    return vals, 0
+    vals, ok = guarded(name, lambda: _values(name, fn(completions, inputs), n), n, on_error)
+    return (vals, 0) if ok else ([0.0] * n, n)
+
+
+def finish_teacher_reward(name: str, fn, completions: list[str], inputs: RewardInputs, requests: list[TeacherRequest],
+                          logprobs: list[list[Any]], on_error: str = "raise") -> tuple[list[float], int]:
+    """``fn.score_with_teacher`` under ``call_reward``'s failure rules: ``(values, errors)``."""
+    n = len(completions)
+    vals, ok = guarded(name, lambda: _values(name, fn.score_with_teacher(completions, inputs, requests, logprobs), n),
+                       n, on_error)
+    return (vals, 0) if ok else ([0.0] * n, n)
+
+
+def score_requests(teacher, inputs: RewardInputs, requests: list[TeacherRequest], *, kernel: str = "fused",
+                   shared_prefix: bool = True) -> list[list[Any]]:
+    """Run teacher requests on their own: one forward per request (its prompt's prefix once when
+    ``shared_prefix``). ``teacher``: a fastebm.model.loading.LoadedModel. The trainer does not call
+    this: it scores the requests inside its reference pass."""
+    from fastebm.model.forward import Prompt
+    from fastebm.model.logprobs import suffix_logprobs
+
+    pad = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0
+    out = []
+    for r in requests:
+        prompt = Prompt(inputs.prompt_ids[r.prompt], inputs.videos[r.prompt])
+        scored = suffix_logprobs(teacher.model, [prompt], r.suffixes, [0] * len(r.suffixes), 1.0, kernel=kernel,
+                                 shared_prefix=shared_prefix, pad_id=pad)
+        out.append(scored.logprobs)
+    return out

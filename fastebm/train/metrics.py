@@ -1,10 +1,46 @@
-"""Per-step metrics: ``metrics.jsonl`` (one JSON object per step) and, optionally, TensorBoard."""
+"""Per-step metrics: what a GRPO step reports (``step_metrics``), written to ``metrics.jsonl`` (one
+JSON object per step) and, optionally, TensorBoard (``MetricsWriter``)."""
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Optional
+import statistics
+from typing import Mapping, Optional
+
+
+def step_metrics(step: int, *, rewards: Mapping[str, list[float]], weights: Mapping[str, float], group_size: int,
+                 reward_errors: Mapping[str, int], advantages: list[float], lengths: list[int], truncated: list[bool],
+                 prefix_tokens: int, update: dict, times: dict, samples_skipped: int, profiles_missing: int) -> dict:
+    """One GRPO step's metrics row, from the whole (all ranks') batch.
+
+    ``rewards``: per reward, one value per completion (prompt-major, ``group_size`` per prompt);
+    ``update``: the optimiser pass's numbers (loss, kl, clip_ratio, grad_norm, lr, ...); ``times``:
+    ``time/*`` seconds. Per reward: the mean, the mean within-group std and the error count.
+    """
+    n = len(lengths)
+    total = [sum(weights[k] * rewards[k][i] for k in rewards) for i in range(n)]
+    m = {"step": step, **update, "reward/total": _mean(total)}
+    for name, vals in rewards.items():
+        m[f"reward/{name}"] = _mean(vals)
+        groups = [vals[i:i + group_size] for i in range(0, len(vals), group_size)]
+        m[f"reward/{name}_std"] = _mean([statistics.stdev(g) for g in groups]) if group_size > 1 else 0.0
+        m[f"reward/{name}_errors"] = reward_errors.get(name, 0)
+    m.update({
+        "adv/std": statistics.stdev(advantages) if len(advantages) > 1 else 0.0,
+        "tokens/prefix": prefix_tokens,
+        "tokens/completion": sum(lengths),
+        "completion/mean_len": sum(lengths) / max(1, n),
+        "completion/truncated_frac": sum(truncated) / max(1, n),
+        **times,
+        "samples_skipped": samples_skipped,
+        "profiles_missing": profiles_missing,
+    })
+    return m
+
+
+def _mean(xs) -> float:
+    return math.fsum(xs) / len(xs) if len(xs) else 0.0
 
 
 class MetricsWriter:

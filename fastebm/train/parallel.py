@@ -116,31 +116,22 @@ class Dist:
             return torch.device("cuda", self.local_rank)
         return device
 
-    def gather_step(self, rewards: dict, advantages: torch.Tensor, roll, prefix_tokens: int):
-        """Every rank's rewards, advantages, completion lengths and prefix tokens, in rank order.
+    def gather_step(self, rewards: dict[str, list[float]], advantages: list[float], lengths: list[int],
+                    truncated: list[bool], prefix_tokens: int):
+        """Every rank's rewards, advantages, completion lengths, truncation flags and prefix tokens, in
+        rank order: ``(rewards, advantages, lengths, truncated, prefix_tokens)``.
 
         Ranks hold whole groups, so concatenating in rank order is the 1-process batch and the
         metrics rank 0 computes from it are the 1-process metrics. One object all-gather per step
         (N floats per reward): cheap next to a rollout.
         """
         if not self.enabled:
-            return rewards, advantages, roll, prefix_tokens
-        mine = {"rewards": rewards, "adv": advantages.detach().float().cpu().tolist(),
-                "lengths": [len(c) for c in roll.completion_ids], "truncated": list(roll.truncated),
-                "prefix": prefix_tokens}
-        parts = self.all_gather_object(mine)
-        rewards = {n: [x for p in parts for x in p["rewards"][n]] for n in rewards}
-        adv = torch.tensor([x for p in parts for x in p["adv"]], dtype=torch.float32)
-        view = _RolloutView([[0] * n for p in parts for n in p["lengths"]],
-                            [t for p in parts for t in p["truncated"]])
-        return rewards, adv, view, sum(p["prefix"] for p in parts)
-
-
-@dataclass
-class _RolloutView:
-    """What the step metrics read of a gathered rollout: completion lengths and truncation."""
-    completion_ids: list
-    truncated: list
+            return rewards, advantages, lengths, truncated, prefix_tokens
+        parts = self.all_gather_object({"rewards": rewards, "adv": advantages, "lengths": lengths,
+                                        "truncated": truncated, "prefix": prefix_tokens})
+        return ({n: [x for p in parts for x in p["rewards"][n]] for n in rewards},
+                [x for p in parts for x in p["adv"]], [x for p in parts for x in p["lengths"]],
+                [x for p in parts for x in p["truncated"]], sum(p["prefix"] for p in parts))
 
 
 def _comm_device() -> torch.device:

@@ -10,13 +10,14 @@ One step, top to bottom (``Trainer.train_step``):
   2. rollout   G completions per prompt; with ``rollout.shared_prefix`` the prefix is prefilled
                once and the G samples decode on it with cascade attention   -> time/rollout_s
   3. score     rewards (registry); old log-probs (mu > 1: the rollout's own); reference log-probs
-               (beta > 0) packed with the PCG teacher's suffixes on one copy of the reference
-               prefix                                                       -> time/score_s
+               (beta > 0) in one pass with the sequences teacher-protocol rewards ask the frozen
+               reference to score, on one copy of each prompt's prefix      -> time/score_s
   4. advantage per-reward group z-norm then weights (EBM) or summed (GRPO)
   5. update    mu passes; each: micro-batched forward with grad (one packed row per prompt) ->
-               fused/reference GRPO loss on hidden states -> backward (accumulated) -> clip ->
+               fused/eager GRPO loss on hidden states -> backward (accumulated) -> clip ->
                AdamW -> schedule                                            -> time/update_s
-  6. log       metrics.jsonl (rank 0), progress bar; checkpoint every N steps and at the end
+  6. log       metrics (train/metrics.py: step_metrics) to metrics.jsonl (rank 0), progress bar;
+               checkpoint every N steps and at the end
 
 Where it departs from textbook GRPO: the rewards are z-normalised per reward within the group
 before weighting (``rewards.normalize = "per_reward"``, EBM-RL); the KL is k3 against a frozen
@@ -24,10 +25,12 @@ reference; loss reductions follow TRL's loss types.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -40,19 +43,30 @@ from fastebm.model.decode import shared_prefix_rollout
 from fastebm.model.forward import completion_hidden_states, lm_head_weight
 from fastebm.model.prefix import shared_prefix_hidden_states
 from fastebm.model.loading import LoadedModel
-from fastebm.model.logprobs import scoring_logprobs
+from fastebm.model.logprobs import pad_rows, suffix_logprobs
 from fastebm.model.rollout import RolloutResult, rollout
-from fastebm.rewards import RewardContext, RewardError, RewardInputs, build_rewards, call_reward, check_rewards
+from fastebm.rewards import (RewardContext, RewardError, RewardInputs, TeacherRequest, build_rewards, call_reward,
+                             check_rewards, finish_teacher_reward, guarded, needs_teacher, uses_teacher)
 from fastebm.train.batches import Batch, BatchSource
 from fastebm.train.builders import (Checkpointer, SkipRecorder, TrainingError, build_data, build_optimizer,
                                     build_policy, build_reference, build_scheduler, setup_run, video_geometry)
 from fastebm.train.checkpoint import latest_checkpoint, resolve_resume
 from fastebm.train.loop import Progress, train_loop
-from fastebm.train.metrics import MetricsWriter
+from fastebm.train.metrics import MetricsWriter, step_metrics
 from fastebm.train.parallel import Dist, clip_grad_norm, gathered_params
 from fastebm.utils import hash_seed
 
 log = logging.getLogger("fastebm")
+
+
+@dataclass
+class Scored:
+    """What scoring a rollout produced (``Trainer.score_step``)."""
+    rewards: dict[str, list[float]]          # per reward (configured order): one value per completion
+    reward_errors: dict[str, int]            # per reward: completions scored 0 after a failure (on_error = "zero")
+    old_logps: Optional[torch.Tensor]        # (N, Tmax) fp32 when grpo.mu > 1
+    ref_logps: Optional[torch.Tensor]        # (N, Tmax) fp32 when grpo.beta != 0
+    prefix_tokens: int                       # prompt tokens run through a model while scoring
 
 
 class Trainer:
@@ -89,7 +103,7 @@ class Trainer:
         resume_from = resolve_resume(cfg.train.resume, self.run_dir)
         self.policy = build_policy(cfg.model, cfg.parallel, env, resume_from)
         self.reference = None
-        if cfg.grpo.beta != 0 or "pcg" in cfg.rewards.enabled:
+        if cfg.grpo.beta != 0 or needs_teacher(cfg.rewards.enabled):
             self.reference = build_reference(cfg.model, cfg.parallel, env)
         # Reward models live on every rank, scoring that rank's completions (rank 0 builds caches first).
         with self.dist.main_first():
@@ -133,51 +147,39 @@ class Trainer:
         self.metrics.close()
 
     def train_step(self) -> dict:
+        """One GRPO step (see the module docstring): batch -> rollout -> score -> advantages -> update -> log."""
         cfg, t0 = self.cfg, time.perf_counter()
         batch = self.next_batch()
-        temp = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-
         t1 = time.perf_counter()
         roll = self.rollout(batch)
         t2 = time.perf_counter()
-
-        rewards, old_logps, ref_logps, scored_prefix = self.score_step(batch, roll, temp)
-        prefix_tokens = roll.prefill_tokens + scored_prefix
-        advantages = combine_rewards({n: torch.tensor(v) for n, v in rewards.items()}, cfg.rewards.weights,
+        scored = self.score_step(batch, roll)
+        advantages = combine_rewards({n: torch.tensor(v) for n, v in scored.rewards.items()}, cfg.rewards.weights,
                                      cfg.rollout.group_size, cfg.rewards.normalize, cfg.rewards.eps,
                                      cfg.rewards.scale).to(self.device)
         t3 = time.perf_counter()
-
-        stats = self.update(batch, roll, advantages, old_logps, ref_logps, temp)
-        prefix_tokens += stats.pop("prefix_tokens")
+        stats = self.update(batch, roll, advantages, scored.old_logps, scored.ref_logps, self.logprob_temperature)
         t4 = time.perf_counter()
-
         self.step += 1
-        G = cfg.rollout.group_size
-        # Every rank's groups in rank order (= the 1-process batch); rank 0 writes them (no-op on 1 process).
-        rewards, advantages, roll_view, prefix_tokens = self.dist.gather_step(rewards, advantages, roll, prefix_tokens)
-        total = sum(cfg.rewards.weights[n] * torch.tensor(v, dtype=torch.float64) for n, v in rewards.items())
-        lengths = [len(c) for c in roll_view.completion_ids]
-        m = {"step": self.step, **stats, "reward/total": float(total.mean())}
-        for n, v in rewards.items():
-            rv = torch.tensor(v, dtype=torch.float64)
-            m[f"reward/{n}"] = float(rv.mean())
-            m[f"reward/{n}_std"] = float(rv.view(-1, G).std(dim=1).mean()) if G > 1 else 0.0
-            m[f"reward/{n}_errors"] = self.reward_errors.get(n, 0)
-        m.update({
-            "adv/std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
-            "tokens/prefix": prefix_tokens,
-            "tokens/completion": sum(lengths),
-            "completion/mean_len": sum(lengths) / len(lengths),
-            "completion/truncated_frac": sum(roll_view.truncated) / len(roll_view.truncated),
-            "time/rollout_s": t2 - t1, "time/score_s": t3 - t2, "time/update_s": t4 - t3,
-            "time/step_s": t4 - t0,
-            "samples_skipped": self.samples_skipped,
-            "profiles_missing": int(self.dist.all_reduce_sum(sum(self.profiles.missing.values()))),
-        })
-        self.metrics.write(m)
+        m = self.log_step(scored, roll, advantages, stats.pop("prefix_tokens") + roll.prefill_tokens + scored.prefix_tokens,
+                          stats, {"time/rollout_s": t2 - t1, "time/score_s": t3 - t2, "time/update_s": t4 - t3,
+                                  "time/step_s": t4 - t0})
         if cfg.log.samples_every and self.step % cfg.log.samples_every == 0 and self.dist.is_main:
-            self._write_samples(batch, roll, {n: v[:len(roll.texts)] for n, v in rewards.items()})  # rank 0's
+            self._write_samples(batch, roll, {n: v[:len(roll.texts)] for n, v in scored.rewards.items()})  # rank 0's
+        return m
+
+    def log_step(self, scored: Scored, roll: RolloutResult, advantages: torch.Tensor, prefix_tokens: int,
+                 stats: dict, times: dict) -> dict:
+        """The step's metrics over every rank's groups (rank 0 writes them; see ``step_metrics``)."""
+        rewards, adv, lengths, truncated, prefix_tokens = self.dist.gather_step(
+            scored.rewards, advantages.detach().float().cpu().tolist(), [len(c) for c in roll.completion_ids],
+            list(roll.truncated), prefix_tokens)
+        m = step_metrics(self.step, rewards=rewards, weights=self.cfg.rewards.weights,
+                         group_size=self.cfg.rollout.group_size, reward_errors=scored.reward_errors, advantages=adv,
+                         lengths=lengths, truncated=truncated, prefix_tokens=prefix_tokens, update=stats, times=times,
+                         samples_skipped=self.samples_skipped,
+                         profiles_missing=int(self.dist.all_reduce_sum(sum(self.profiles.missing.values()))))
+        self.metrics.write(m)
         return m
 
     # ------------------------------------------------------------------------------------------
@@ -204,125 +206,117 @@ class Trainer:
         first = self.dist.rank * n
         return [hash_seed(self.cfg.run.seed, self.step, first + i) for i in range(n)]
 
-    def score_step(self, batch: Batch, roll: RolloutResult, temperature: float):
-        """Everything between rollout and update: (rewards, old log-probs, reference log-probs, prefix
-        tokens processed). Old log-probs (mu > 1) are the rollout's own where it has them; with a
-        shared prefix the PCG teacher scores its suffixes in the same packed forward as the reference
-        KL pass, so the reference prefix runs once per step."""
-        cfg = self.cfg
-        joint_pcg = "pcg" in self.rewards and cfg.grpo.beta != 0 and cfg.rollout.shared_prefix
-        rewards = self.compute_rewards(batch, roll, skip=("pcg",) if joint_pcg else ())
-        old_logps = ref_logps = None
-        prefix_tokens = 0
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature of every log-prob the loss compares: the rollout's (1 when greedy)."""
+        t = self.cfg.rollout.temperature
+        return t if t > 0 else 1.0
+
+    def score_step(self, batch: Batch, roll: RolloutResult) -> Scored:
+        """Everything between rollout and update: rewards, old log-probs (``mu > 1``: the rollout's own
+        where it has them), reference log-probs (``beta != 0``) and the sequences teacher-protocol
+        rewards ask the frozen reference to score, which ride along in the reference pass."""
+        cfg, n = self.cfg, len(roll.texts)
+        inputs = self.reward_inputs(batch, roll)
+        rewards, errors, requests = {}, {}, {}
+        with self._reward_errors():
+            for name, fn in self.rewards.items():
+                if uses_teacher(fn):
+                    reqs, ok = guarded(name, lambda: fn.teacher_requests(roll.texts, inputs), n, cfg.rewards.on_error)
+                    if ok:
+                        requests[name] = reqs
+                    else:
+                        rewards[name], errors[name] = [0.0] * n, n
+                else:
+                    rewards[name], errors[name] = call_reward(name, fn, roll.texts, inputs, cfg.rewards.on_error)
+        old_logps, prefix_tokens = None, 0
         if cfg.grpo.mu > 1 and roll.logprobs is not None:
-            old_logps = self._pad(roll.logprobs)  # computed on the rollout's own prefix cache
+            old_logps = pad_rows(roll.logprobs, self.device)  # computed on the rollout's own prefix cache
         elif cfg.grpo.mu > 1:
-            old_logps, n = self.score(self.policy.model, batch, roll, temperature)
-            prefix_tokens += n
-        if joint_pcg:
-            ref_logps, n, rewards["pcg"], self.reward_errors["pcg"] = self.score_reference_and_pcg(batch, roll,
-                                                                                                  temperature)
-            prefix_tokens += n
-            rewards = {name: rewards[name] for name in self.rewards}  # the configured order
-        elif cfg.grpo.beta != 0:
-            ref_logps, n = self.score(self.reference.model, batch, roll, temperature)
-            prefix_tokens += n
-        return rewards, old_logps, ref_logps, prefix_tokens
+            old = self._suffix_logprobs(self.policy.model, batch, roll.completion_ids, roll.prompt_index,
+                                        [self.logprob_temperature] * n, batch_size=cfg.train.micro_batch_size)
+            old_logps, prefix_tokens = pad_rows(old.logprobs, self.device), old.prefix_tokens
+        ref_logps = None
+        if cfg.grpo.beta != 0 or requests:
+            ref_logps, teacher, p = self.reference_pass(batch, roll, requests)
+            prefix_tokens += p
+            with self._reward_errors():
+                for name, reqs in requests.items():
+                    if name in teacher:
+                        rewards[name], errors[name] = finish_teacher_reward(
+                            name, self.rewards[name], roll.texts, inputs, reqs, teacher[name], cfg.rewards.on_error)
+                    else:  # the joint pass failed and rewards.on_error = "zero": scored 0, counted
+                        rewards[name], errors[name] = [0.0] * n, n
+        return Scored({k: rewards[k] for k in self.rewards}, errors, old_logps, ref_logps, prefix_tokens)
+
+    @contextlib.contextmanager
+    def _reward_errors(self):
+        try:
+            yield
+        except RewardError as e:
+            raise TrainingError(f"step {self.step + 1}: {e}") from e
+
+    def reference_pass(self, batch: Batch, roll: RolloutResult, requests: dict[str, list[TeacherRequest]]):
+        """The frozen reference model's pass: the completions' log-probs at the rollout temperature (the
+        KL target, when ``beta != 0``) and, at temperature 1, every teacher request of the rewards, in
+        ONE forward per prompt group (with the shared prefix: one packed row, the prefix run once).
+
+        Returns (reference log-probs (N, Tmax) or None, {reward: log-probs per request and suffix},
+        prefix tokens). A failure of the joint pass counts against the rewards that asked
+        (``rewards.on_error``); the KL pass then runs on its own.
+        """
+        cfg = self.cfg
+        kl = cfg.grpo.beta != 0
+        suffixes = list(roll.completion_ids) if kl else []
+        index = list(roll.prompt_index) if kl else []
+        temps = [self.logprob_temperature] * len(suffixes)
+        where: dict[str, list[list[int]]] = {}   # reward -> per request, the positions of its suffixes
+        for name, reqs in requests.items():
+            where[name] = []
+            for r in reqs:
+                where[name].append(list(range(len(suffixes), len(suffixes) + len(r.suffixes))))
+                suffixes += r.suffixes
+                index += [r.prompt] * len(r.suffixes)
+                temps += [1.0] * len(r.suffixes)
+        if not suffixes:
+            return None, {name: [[] for _ in reqs] for name, reqs in requests.items()}, 0
+        try:  # one forward per prompt group when rewards asked for sequences (they share the prefix with the KL pass)
+            scored = self._suffix_logprobs(self.reference.model, batch, suffixes, index, temps,
+                                           batch_size=0 if requests else cfg.train.micro_batch_size)
+        except Exception as e:
+            if not requests:
+                raise
+            names = ", ".join(repr(n) for n in requests)
+            if cfg.rewards.on_error != "zero":
+                raise TrainingError(f"step {self.step + 1}: the reference pass with the teacher requests of reward(s) "
+                                    f"{names} failed: {type(e).__name__}: {e}") from e
+            log.warning("the reference pass with the teacher requests of reward(s) %s failed (%s: %s); scoring them 0 "
+                        "(rewards.on_error = 'zero')", names, type(e).__name__, e)
+            ref_logps, _, p = self.reference_pass(batch, roll, {})
+            return ref_logps, {}, p
+        n = len(roll.completion_ids) if kl else 0
+        ref_logps = pad_rows(scored.logprobs[:n], self.device) if kl else None
+        teacher = {name: [[scored.logprobs[i] for i in pos] for pos in where[name]] for name in requests}
+        return ref_logps, teacher, scored.prefix_tokens
+
+    def _suffix_logprobs(self, model, batch: Batch, suffixes, prompt_index, temperatures, batch_size: int):
+        pad = self.policy.tokenizer.pad_token_id if self.policy.tokenizer.pad_token_id is not None else 0
+        return suffix_logprobs(model, batch.prompts, suffixes, prompt_index, temperatures, kernel=self.cfg.grpo.kernel,
+                               shared_prefix=self.cfg.rollout.shared_prefix, batch_size=batch_size, pad_id=pad)
 
     def reward_inputs(self, batch: Batch, roll: RolloutResult) -> RewardInputs:
         return RewardInputs(records=batch.records, group_size=self.cfg.rollout.group_size,
                             videos=[p.video for p in batch.prompts], prompt_ids=[p.ids for p in batch.prompts],
                             completion_ids=roll.completion_ids)
 
-    def compute_rewards(self, batch: Batch, roll: RolloutResult, skip=()) -> dict[str, list[float]]:
-        inputs = self.reward_inputs(batch, roll)
-        out, self.reward_errors = {}, {}
-        for name, fn in self.rewards.items():
-            if name in skip:
-                continue
-            try:  # rewards.on_error = "zero": a failure scores 0 and is counted, never silent
-                out[name], self.reward_errors[name] = call_reward(name, fn, roll.texts, inputs,
-                                                                  self.cfg.rewards.on_error)
-            except RewardError as e:
-                raise TrainingError(f"step {self.step + 1}: {e}") from e
-        return out
-
     def hidden_states(self, model, prompts, completions, prompt_index):
         """Completion hidden states: one packed row per prompt (shared prefix) or one sequence per sample."""
         fn = shared_prefix_hidden_states if self.cfg.rollout.shared_prefix else completion_hidden_states
         return fn(model, prompts, completions, prompt_index)
 
-    def _pad(self, rows: list[list[float]]) -> torch.Tensor:
-        out = torch.zeros((len(rows), max(1, max(len(r) for r in rows))), dtype=torch.float32)
-        for i, r in enumerate(rows):
-            out[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
-        return out.to(self.device)
-
     def _micro_batches(self, n: int) -> list[list[int]]:
         mb = self.cfg.train.micro_batch_size
         return [list(range(s, min(n, s + mb))) for s in range(0, n, mb)]
-
-    @torch.no_grad()
-    def score(self, model, batch: Batch, roll: RolloutResult, temperature: float) -> tuple[torch.Tensor, int]:
-        """Per-token log-probs (N, Tmax) of the completions under ``model``; prefix tokens processed."""
-        N, Tmax = len(roll.completion_ids), max(1, max(len(c) for c in roll.completion_ids))
-        out = torch.zeros((N, Tmax), dtype=torch.float32, device=self.device)
-        prefix = 0
-        for idx in self._micro_batches(N):
-            cb = self.hidden_states(model, batch.prompts, [roll.completion_ids[i] for i in idx],
-                                          [roll.prompt_index[i] for i in idx])
-            lp = scoring_logprobs(cb.hidden, lm_head_weight(model), cb.ids, temperature, kernel=self.cfg.grpo.kernel)
-            out[idx, :lp.shape[1]] = lp * cb.mask
-            prefix += cb.num_prompt_tokens
-        return out, prefix
-
-    @torch.no_grad()
-    def score_reference_and_pcg(self, batch: Batch, roll: RolloutResult, temperature: float):
-        """The reference model's KL log-probs and the PCG reward in ONE packed forward per prompt group:
-        ``[prefix | completion_1..G | context_i + answer ... | answer]`` on one copy of the prefix.
-
-        Returns (ref log-probs (N, Tmax), prefix tokens, pcg values, pcg errors). A PCG failure is
-        handled as any reward's (``rewards.on_error``); the KL pass then runs on its own.
-        """
-        from fastebm.model.forward import CompletionBatch
-        from fastebm.rewards.pcg import answer_mean_logprob
-
-        ref, pcg = self.reference.model, self.rewards["pcg"]
-        kernel = self.cfg.grpo.kernel
-        comps = roll.completion_ids
-        N, Tmax = len(comps), max(1, max(len(c) for c in comps))
-        out = torch.zeros((N, Tmax), dtype=torch.float32, device=self.device)
-        done = {}
-
-        def joint(completions, inputs):
-            plans = {g.prompt: g for g in pcg.plan(completions, inputs)}
-            lls, prefix = [], 0
-            for p in range(len(batch.prompts)):
-                members = [i for i in range(N) if roll.prompt_index[i] == p]
-                extra = plans[p].suffixes() if p in plans else []
-                suffixes = [comps[i] for i in members] + extra
-                cb = shared_prefix_hidden_states(ref, batch.prompts, suffixes, [p] * len(suffixes))
-                k = len(members)
-                w = min(Tmax, cb.ids.shape[1])  # the PCG suffixes may be longer than any completion
-                W = lm_head_weight(ref)  # read after the forward: under FSDP the root unit is gathered by then
-                lp = scoring_logprobs(cb.hidden[:k, :w], W, cb.ids[:k, :w], temperature, kernel=kernel)
-                out[members, :w] = lp * cb.mask[:k, :w]
-                if p in plans:  # the PCG teacher scores at temperature 1
-                    rest = CompletionBatch(cb.hidden[k:], cb.ids[k:], cb.mask[k:], 0)
-                    lls.append(answer_mean_logprob(ref, rest, len(plans[p].answer_ids), kernel))
-                prefix += cb.num_prompt_tokens
-            done["prefix"] = prefix
-            return pcg.finish(N, list(plans.values()), lls)
-
-        try:
-            vals, errors = call_reward("pcg", joint, roll.texts, self.reward_inputs(batch, roll),
-                                       self.cfg.rewards.on_error)
-        except RewardError as e:
-            raise TrainingError(f"step {self.step + 1}: {e}") from e
-        if "prefix" not in done:  # PCG failed and was zeroed: the KL pass alone
-            ref_logps, prefix = self.score(ref, batch, roll, temperature)
-            return ref_logps, prefix, vals, errors
-        return out, done["prefix"], vals, errors
 
     def update(self, batch: Batch, roll: RolloutResult, advantages: torch.Tensor,
                old_logps: Optional[torch.Tensor], ref_logps: Optional[torch.Tensor], temperature: float) -> dict:

@@ -52,8 +52,14 @@ def test_reference_and_pcg_share_one_packed_pass(tmp_path):
              "<vision> a green shape moves </vision><think> danger </think><answer> Run. </answer>"] * 2
     comps = [tok(x, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for x in texts]
     roll = RolloutResult(comps, [0, 0, 0, 1, 1, 1], texts, [False] * 6, 0)
-    ref_joint, _, pcg_joint, errors = t.score_reference_and_pcg(batch, roll, 1.0)
-    ref_plain, _ = t.score(t.reference.model, batch, roll, 1.0)
+    inner, calls = t.reference.model.model, []
+    orig = inner.forward
+    inner.forward = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    scored = t.score_step(batch, roll)  # the reference pass carries PCG's teacher requests
+    inner.forward = orig
+    assert len(calls) == 2  # two prompts: one reference forward each, KL and PCG sequences together
+    ref_joint, pcg_joint, errors = scored.ref_logps, scored.rewards["pcg"], scored.reward_errors["pcg"]
+    ref_plain, _, _ = t.reference_pass(batch, roll, {})  # the KL pass alone
     pcg_plain = t.rewards["pcg"](texts, t.reward_inputs(batch, roll))
     t.close()
     assert errors == 0
