@@ -8,7 +8,7 @@ The vocabulary-sized work (the logit tiles, their online log-sum-exp and the sel
 forward; the recomputed tiles, d hidden and d weight in the backward) runs in the kernels of
 ``fused_linear_logprobs.py`` (Triton on CUDA, a token x vocabulary chunked PyTorch path elsewhere).
 What is left is O(B * T): ratio, clip, k3 KL, per-token loss and the loss-type reduction on the
-fp32 per-token log-probs, done by ``grpo_semantics.grpo_loss_from_logps`` -- the single home of
+fp32 per-token log-probs, done by ``grpo_semantics.grpo_loss_from_logps`` — the single home of
 the TRL-exact semantics. Autograd turns that into one per-token upstream scalar dL/dlogp, which the
 backward kernel folds into its recomputed tiles. (Sequence-level importance sampling needs a
 per-sequence reduction of the log-ratios before any token's loss is known, which is why this
