@@ -52,11 +52,10 @@ def _eager_logps(h, w, ids, temperature=1.0):
     return torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
 
 
-def _eager_loss(h, w, ids, mask, adv, old, ref):
-    from fastebm.grpo.loss import grpo_loss_from_logps
+def _eager_loss(h, w, ids, mask, adv, old, ref, options):
+    from fastebm.kernels import grpo_loss_from_logps
 
-    return grpo_loss_from_logps(_eager_logps(h, w, ids), old, ref, adv, mask, **{k: v for k, v in KW.items()
-                                                                                 if k != "temperature"}).loss
+    return grpo_loss_from_logps(_eager_logps(h, w, ids), old, ref, adv, mask, options).loss
 
 
 _compiled = {}
@@ -64,23 +63,26 @@ _compiled = {}
 
 def fused_linear_call(provider, B, T, H, V, dtype):
     """A no-argument fwd+bwd call of ``provider`` on fresh leaf tensors (built once, reused)."""
+    from fastebm.kernels import GRPOLossOptions
+
     h0, w0, ids, mask, adv, old, ref = _inputs(B, T, H, V, dtype)
     h = h0.clone().requires_grad_()
     w = w0.clone().requires_grad_()
+    options = GRPOLossOptions(**KW)
 
     if provider == "fastebm":
         from fastebm.kernels import fused_linear_grpo_loss
 
         def loss():
-            return fused_linear_grpo_loss(h, w, ids, mask, adv, old, ref, **KW)[0]
+            return fused_linear_grpo_loss(h, w, ids, mask, adv, old, ref, options)[0]
     elif provider == "eager":
         def loss():
-            return _eager_loss(h, w, ids, mask, adv, old, ref)
+            return _eager_loss(h, w, ids, mask, adv, old, ref, options)
     elif provider == "compile":
         fn = _compiled.setdefault("loss", torch.compile(_eager_loss))
 
         def loss():
-            return fn(h, w, ids, mask, adv, old, ref)
+            return fn(h, w, ids, mask, adv, old, ref, options)
     elif provider == "liger_chunked":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
@@ -141,17 +143,19 @@ def logits_loss_call(provider, B, T, V, dtype):
     dev = device()
     logits = torch.randn(B, T, V, generator=g).to(dev, dtype).requires_grad_()
     _, _, ids, mask, adv, old, ref = _inputs(B, T, 8, V, torch.float32)
-    from fastebm.grpo.loss import grpo_loss_from_logps
+    from fastebm.kernels import GRPOLossOptions, grpo_loss_from_logps
+
+    options = GRPOLossOptions(**KW)
 
     def eager(x):
         lp = torch.log_softmax(x.float(), -1).gather(-1, ids[..., None]).squeeze(-1)
-        return grpo_loss_from_logps(lp, old, ref, adv, mask, **{k: v for k, v in KW.items() if k != "temperature"}).loss
+        return grpo_loss_from_logps(lp, old, ref, adv, mask, options).loss
 
     if provider == "fastebm":
         from fastebm.kernels import grpo_loss
 
         def loss():
-            return grpo_loss(logits, ids, mask, adv, old, ref, **KW)[0]
+            return grpo_loss(logits, ids, mask, adv, old, ref, options)[0]
     elif provider == "eager":
         def loss():
             return eager(logits)

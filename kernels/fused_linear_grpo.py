@@ -2,13 +2,13 @@
 
     loss, metrics = fused_linear_grpo_loss(hidden (B, T, H), weight (V, H), ids (B, T), mask (B, T),
                                            advantages (B,), old_logps (B, T) | None, ref_logps (B, T) | None,
-                                           beta=..., epsilon_low=..., epsilon_high=..., ...)
+                                           GRPOLossOptions(beta=..., loss_type=...))
 
 The vocabulary-sized work (the logit tiles, their online log-sum-exp and the selected logit in the
 forward; the recomputed tiles, d hidden and d weight in the backward) runs in the kernels of
 ``fused_linear_logprobs.py`` (Triton on CUDA, a token x vocabulary chunked PyTorch path elsewhere).
 What is left is O(B * T): ratio, clip, k3 KL, per-token loss and the loss-type reduction on the
-fp32 per-token log-probs, done by ``fastebm.grpo.loss.grpo_loss_from_logps`` — the single home of
+fp32 per-token log-probs, done by ``grpo_semantics.grpo_loss_from_logps`` — the single home of
 the TRL-exact semantics. Autograd turns that into one per-token upstream scalar dL/dlogp, which the
 backward kernel folds into its recomputed tiles. (Sequence-level importance sampling needs a
 per-sequence reduction of the log-ratios before any token's loss is known, which is why this
@@ -19,16 +19,17 @@ and forward keywords, same ``(loss, (kl?, clip_ratio))`` return) for TRL and oth
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
-from fastebm.grpo.loss import LOSS_TYPES, grpo_loss_from_logps, grpo_loss_reference, loss_metrics
-
 from .fused_linear_logprobs import linear_logprobs, token_logprobs
+from .grpo_semantics import (LOSS_TYPES, GRPOLossOptions, grpo_loss_from_logps, grpo_loss_reference, loss_metrics,
+                             resolve_options)
 
 
-def _validate(hidden, weight, token_ids, mask, advantages, loss_type, max_completion_length):
+def _validate(hidden, weight, token_ids, mask, advantages):
     if hidden.ndim != 3:
         raise ValueError(f"hidden must be (B, T, H), got {tuple(hidden.shape)}")
     if token_ids.shape != hidden.shape[:2] or mask.shape != hidden.shape[:2]:
@@ -36,55 +37,44 @@ def _validate(hidden, weight, token_ids, mask, advantages, loss_type, max_comple
                          f"{tuple(hidden.shape[:2])}")
     if advantages.shape != hidden.shape[:1]:
         raise ValueError(f"advantages must be (B,) = {tuple(hidden.shape[:1])}, got {tuple(advantages.shape)}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if loss_type == "dr_grpo" and max_completion_length is None:
-        raise ValueError("loss_type='dr_grpo' needs max_completion_length")
     if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"hidden must be bf16, fp16 or fp32, got {hidden.dtype}")
 
 
 def fused_linear_grpo_loss(hidden, weight, selected_token_ids, attention_mask, advantages,
-                           old_per_token_logps=None, ref_per_token_logps=None, *, beta: float,
-                           epsilon_low: float, epsilon_high: float, temperature: float = 1.0,
-                           loss_type: str = "grpo", importance_sampling_level: str = "token",
-                           delta: Optional[float] = None, max_completion_length: Optional[int] = None,
-                           num_items_in_batch=None, vllm_is_ratio=None, bias=None, backend: str = "auto"):
+                           old_per_token_logps=None, ref_per_token_logps=None,
+                           options: Optional[GRPOLossOptions] = None, *, num_items_in_batch=None,
+                           vllm_is_ratio=None, bias=None, backend: str = "auto", **option_overrides):
     """``(loss, metrics)``; metrics: "per_token_logps" (B, T) fp32, "kl" and "clip_ratio" (scalars).
 
-    Differentiable in ``hidden``, ``weight`` (and ``bias``). Loss types and reductions exactly as
-    ``fastebm.grpo.loss`` (TRL's GRPOTrainer) defines them.
+    Differentiable in ``hidden``, ``weight`` (and ``bias``). The loss settings are ``options``; any
+    ``GRPOLossOptions`` field may also be given as a keyword (``beta=0.04, loss_type="dapo"``),
+    applied over ``options``. Loss types and reductions exactly as ``grpo_semantics`` (TRL's
+    GRPOTrainer) defines them.
     """
-    _validate(hidden, weight, selected_token_ids, attention_mask, advantages, loss_type, max_completion_length)
-    logps = linear_logprobs(hidden, weight, selected_token_ids, temperature, bias=bias, backend=backend)
-    out = grpo_loss_from_logps(
-        logps, old_per_token_logps, ref_per_token_logps, advantages, attention_mask, beta=beta,
-        epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level, delta=delta,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        vllm_is_ratio=vllm_is_ratio)
+    options = resolve_options(options, option_overrides, "fused_linear_grpo_loss")
+    _validate(hidden, weight, selected_token_ids, attention_mask, advantages)
+    logps = linear_logprobs(hidden, weight, selected_token_ids, options.temperature, bias=bias, backend=backend)
+    out = grpo_loss_from_logps(logps, old_per_token_logps, ref_per_token_logps, advantages, attention_mask,
+                               options, num_items_in_batch=num_items_in_batch, vllm_is_ratio=vllm_is_ratio)
     return out.loss, loss_metrics(out)
 
 
 def fused_linear_grpo_loss_ref(hidden, weight, selected_token_ids, attention_mask, advantages,
-                               old_per_token_logps=None, ref_per_token_logps=None, *, beta: float,
-                               epsilon_low: float, epsilon_high: float, temperature: float = 1.0,
-                               loss_type: str = "grpo", importance_sampling_level: str = "token",
-                               delta: Optional[float] = None, max_completion_length: Optional[int] = None,
-                               num_items_in_batch=None, vllm_is_ratio=None, bias=None, backend: str = "auto",
-                               upcast: bool = False):
-    """Plain torch (``fastebm.grpo.loss.grpo_loss_reference``); ``upcast=True`` runs in float64."""
+                               old_per_token_logps=None, ref_per_token_logps=None,
+                               options: Optional[GRPOLossOptions] = None, *, num_items_in_batch=None,
+                               vllm_is_ratio=None, bias=None, backend: str = "auto", upcast: bool = False,
+                               **option_overrides):
+    """Plain torch (``grpo_semantics.grpo_loss_reference``); ``upcast=True`` runs in float64."""
     del backend
+    options = resolve_options(options, option_overrides, "fused_linear_grpo_loss_ref")
     if bias is not None:
         raise NotImplementedError("the reference has no bias; add it to the weight's logits yourself")
     if upcast:
         hidden, weight = hidden.double(), weight.double()
-    out = grpo_loss_reference(
-        hidden, weight, selected_token_ids, attention_mask, advantages, old_per_token_logps,
-        ref_per_token_logps, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-        temperature=temperature, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        delta=delta, max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        vllm_is_ratio=vllm_is_ratio)
+    out = grpo_loss_reference(hidden, weight, selected_token_ids, attention_mask, advantages, old_per_token_logps,
+                              ref_per_token_logps, options, num_items_in_batch=num_items_in_batch,
+                              vllm_is_ratio=vllm_is_ratio)
     return out.loss, loss_metrics(out)
 
 
@@ -115,30 +105,30 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             raise ValueError(f"FusedLinearGRPOLoss supports loss types {LOSS_TYPES}, got {loss_type!r}")
         if use_bias_correction_kl:
             raise NotImplementedError("use_bias_correction_kl is not supported")
-        if delta is not None and delta <= 0:
-            raise ValueError(f"delta must be positive, got {delta}")
         # Liger's SAPO/VESPO knobs mean nothing for the supported loss types: accept, ignore.
         del compiled, chunk_size, unsupported
-        self.beta, self.use_ref_model = beta, use_ref_model
-        self.epsilon_low, self.epsilon_high = epsilon_low, epsilon_high
-        self.loss_type, self.max_completion_length = loss_type, max_completion_length
-        self.importance_sampling_level, self.temperature = importance_sampling_level, temperature
-        self.delta, self.backend = delta, backend
+        # The settings, checked once here. Without reference log-probs forward runs with beta = 0.
+        self.options = GRPOLossOptions(
+            beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, temperature=temperature,
+            loss_type=loss_type, importance_sampling_level=importance_sampling_level, delta=delta,
+            max_completion_length=max_completion_length)
+        self._options_without_kl = dataclasses.replace(self.options, beta=0.0)
+        self.use_ref_model, self.backend = use_ref_model, backend
 
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
                 ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None,
                 ref_bias=None, vllm_is_ratio=None, num_items_in_batch=None):
-        beta = self.beta
-        if beta != 0.0 and ref_per_token_logps is None:
+        options = self.options
+        if options.beta != 0.0 and ref_per_token_logps is None:
             if self.use_ref_model and ref_input is not None:
                 ref_per_token_logps = token_logprobs(
                     ref_input, ref_weight if ref_weight is not None else lin_weight, selected_token_ids,
-                    self.temperature, bias=ref_bias, backend=self.backend)
+                    options.temperature, bias=ref_bias, backend=self.backend)
             else:
                 # Liger falls back to ref = logp.detach(): KL and its gradient are then exactly 0.
-                beta = 0.0
+                options = self._options_without_kl
         world = _world_size()
-        if self.loss_type == "dapo":
+        if options.loss_type == "dapo":
             if num_items_in_batch is None:
                 n = attention_mask.to(torch.float32).sum()
                 if world > 1:
@@ -149,11 +139,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             num_items_in_batch = torch.clamp(n / world, min=1.0)
         loss, metrics = fused_linear_grpo_loss(
             _input, lin_weight, selected_token_ids, attention_mask, advantages, old_per_token_logps,
-            ref_per_token_logps, beta=beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
-            temperature=self.temperature, loss_type=self.loss_type,
-            importance_sampling_level=self.importance_sampling_level, delta=self.delta,
-            max_completion_length=self.max_completion_length, num_items_in_batch=num_items_in_batch,
-            vllm_is_ratio=vllm_is_ratio, bias=bias, backend=self.backend)
-        if self.beta != 0.0:
+            ref_per_token_logps, options, num_items_in_batch=num_items_in_batch, vllm_is_ratio=vllm_is_ratio,
+            bias=bias, backend=self.backend)
+        if self.options.beta != 0.0:
             return loss, (metrics["kl"], metrics["clip_ratio"])
         return loss, (metrics["clip_ratio"],)

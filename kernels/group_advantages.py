@@ -4,9 +4,10 @@
 
 per_reward (EBM-RL): sum_k w_k * (r_k - mean_g(r_k)) / (std_g(r_k) + eps)
 sum (standard GRPO): (s - mean_g(s)) / (std_g(s) + eps),  s = sum_k w_k * r_k
-Bessel-corrected std; ``scale=False`` only centres; groups of size 1 give 0. Kernel grid: one
-program per group, the (K, G) block of rewards in registers, fp32. The semantics are
-``fastebm.grpo.advantages.combine_rewards`` (the reference, float64 inside).
+Bessel-corrected std (like TRL's ``torch.std``); ``scale=False`` only centres (Dr. GRPO's choice);
+a group of size 1 (std undefined) gets advantage 0 rather than NaN. Kernel grid: one program per
+group, the (K, G) block of rewards in registers, fp32. The semantics are ``combine_rewards`` at the
+bottom of this file (the plain-torch reference, float64 inside).
 """
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ from typing import Mapping, Sequence, Union
 import torch
 import triton
 import triton.language as tl
-
-from fastebm.grpo.advantages import combine_rewards
 
 from ._backend import resolve_backend
 
@@ -89,9 +88,52 @@ def group_advantages(rewards: Union[Mapping[str, torch.Tensor], torch.Tensor],
     return group_advantages_ref(r, w, group_size, normalize, eps, scale)
 
 
+# --------------------------------------------------------------------------------------------- #
+# Plain-torch reference
+# --------------------------------------------------------------------------------------------- #
+
+
+def group_normalize(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
+                    scale: bool = True) -> torch.Tensor:
+    """(r - group mean) / (group std + eps) for ``rewards`` of shape (num_groups * group_size,).
+
+    ``scale=False`` only centres (Dr. GRPO's choice). Groups of size 1 give 0.
+    """
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
+    r = rewards.double().view(-1, group_size)  # (num_groups, G)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if group_size == 1:
+        return torch.zeros_like(rewards, dtype=torch.float32)
+    if scale:
+        centred = centred / (r.std(dim=1, keepdim=True) + eps)
+    return centred.view(-1).float()
+
+
+def combine_rewards(rewards: Mapping[str, torch.Tensor], weights: Mapping[str, float], group_size: int,
+                    normalize: str = "per_reward", eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
+    """Advantages (N,) from named per-sample rewards (each (N,)).
+
+    ``per_reward``: sum_k w_k * znorm_group(r_k)   (EBM-RL)
+    ``sum``:        znorm_group(sum_k w_k * r_k)    (standard GRPO)
+    """
+    if not rewards:
+        raise ValueError("no rewards to combine")
+    names = list(rewards)
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise KeyError(f"no weight for reward(s) {missing}")
+    if normalize == "per_reward":
+        return sum(weights[n] * group_normalize(rewards[n].float(), group_size, eps, scale) for n in names)
+    if normalize == "sum":
+        total = sum(weights[n] * rewards[n].double() for n in names)
+        return group_normalize(total, group_size, eps, scale)
+    raise ValueError(f"normalize must be 'per_reward' or 'sum', got {normalize!r}")
+
+
 def group_advantages_ref(rewards, weights, group_size: int, normalize: str = "per_reward",
                          eps: float = 1e-4, scale: bool = True, backend: str = "auto", upcast: bool = False):
-    """``fastebm.grpo.advantages.combine_rewards`` on the same inputs (it computes in float64)."""
+    """``combine_rewards`` on the same inputs (it computes in float64)."""
     del backend, upcast
     r, w = _stack(rewards, weights)
     named = {str(k): r[k] for k in range(r.shape[0])}

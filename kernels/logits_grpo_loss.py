@@ -5,7 +5,7 @@ online log-sum-exp and the selected logit -> fp32 logp and lse. Backward kernel 
 pass writing d logits = g * (onehot - softmax) / temperature straight into the gradient tensor,
 with g = dL/dlogp the per-token upstream scalar; no second full-size temporary is made (rows of
 masked tokens are written as zeros without reading the logits). The O(B * T) GRPO epilogue is
-``fastebm.grpo.loss.grpo_loss_from_logps``, shared with every other path.
+``grpo_semantics.grpo_loss_from_logps``, shared with every other path.
 
 Without CUDA the public function runs PyTorch on the logits the caller already holds, one chunk of
 rows at a time so the temporaries stay bounded.
@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastebm.grpo.loss import LOSS_TYPES, grpo_loss_from_logps, loss_metrics
-
 from ._backend import resolve_backend, triton_interpreted
+from .grpo_semantics import GRPOLossOptions, grpo_loss_from_logps, loss_metrics, resolve_options
 
 # --------------------------------------------------------------------------------------------- #
 # Triton kernels
@@ -173,44 +172,32 @@ class LogitsLogprobFunction(torch.autograd.Function):
 
 
 def grpo_loss(logits, selected_token_ids, attention_mask, advantages, old_per_token_logps=None,
-              ref_per_token_logps=None, *, beta: float, epsilon_low: float, epsilon_high: float,
-              temperature: float = 1.0, loss_type: str = "grpo", importance_sampling_level: str = "token",
-              delta: Optional[float] = None, max_completion_length: Optional[int] = None,
-              num_items_in_batch=None, vllm_is_ratio=None, backend: str = "auto"):
+              ref_per_token_logps=None, options: Optional[GRPOLossOptions] = None, *, num_items_in_batch=None,
+              vllm_is_ratio=None, backend: str = "auto", **option_overrides):
     """``(loss, metrics)`` from logits (B, T, V) of the completion tokens (already aligned with ids).
 
-    Same keywords and metrics as ``fused_linear_grpo_loss``; differentiable in ``logits``.
+    Same options, keywords and metrics as ``fused_linear_grpo_loss``; differentiable in ``logits``.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    options = resolve_options(options, option_overrides, "grpo_loss")
     if logits.shape[:2] != selected_token_ids.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match ids {tuple(selected_token_ids.shape)}")
     b = resolve_backend(backend, logits.device)
-    logps = LogitsLogprobFunction.apply(logits, selected_token_ids, float(temperature), b)
-    out = grpo_loss_from_logps(
-        logps, old_per_token_logps, ref_per_token_logps, advantages, attention_mask, beta=beta,
-        epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level, delta=delta,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        vllm_is_ratio=vllm_is_ratio)
+    logps = LogitsLogprobFunction.apply(logits, selected_token_ids, float(options.temperature), b)
+    out = grpo_loss_from_logps(logps, old_per_token_logps, ref_per_token_logps, advantages, attention_mask,
+                               options, num_items_in_batch=num_items_in_batch, vllm_is_ratio=vllm_is_ratio)
     return out.loss, loss_metrics(out)
 
 
 def grpo_loss_ref(logits, selected_token_ids, attention_mask, advantages, old_per_token_logps=None,
-                  ref_per_token_logps=None, *, beta: float, epsilon_low: float, epsilon_high: float,
-                  temperature: float = 1.0, loss_type: str = "grpo", importance_sampling_level: str = "token",
-                  delta: Optional[float] = None, max_completion_length: Optional[int] = None,
-                  num_items_in_batch=None, vllm_is_ratio=None, backend: str = "auto", upcast: bool = False):
+                  ref_per_token_logps=None, options: Optional[GRPOLossOptions] = None, *, num_items_in_batch=None,
+                  vllm_is_ratio=None, backend: str = "auto", upcast: bool = False, **option_overrides):
     """Plain torch: log_softmax over the full logits; ``upcast=True`` runs in float64."""
     del backend
+    options = resolve_options(options, option_overrides, "grpo_loss_ref")
     if upcast:
         logits = logits.double()
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / options.temperature
     logps = torch.log_softmax(z, -1).gather(-1, selected_token_ids[..., None]).squeeze(-1)
-    out = grpo_loss_from_logps(
-        logps, old_per_token_logps, ref_per_token_logps, advantages, attention_mask, beta=beta,
-        epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level, delta=delta,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        vllm_is_ratio=vllm_is_ratio)
+    out = grpo_loss_from_logps(logps, old_per_token_logps, ref_per_token_logps, advantages, attention_mask,
+                               options, num_items_in_batch=num_items_in_batch, vllm_is_ratio=vllm_is_ratio)
     return out.loss, loss_metrics(out)

@@ -1,5 +1,6 @@
-"""GRPO: group advantages and the loss front-end (plain-torch eager path or fused Triton kernels)."""
-from fastebm.grpo.advantages import combine_rewards, group_normalize
-from fastebm.grpo.loss import LossOutput, compute_grpo_loss
+"""GRPO's trainer-facing front-end: loss options from the ``[grpo]`` config, the loss call (eager
+or fused) and group advantages. The loss and the advantages themselves live in ``fastebm.kernels``."""
+from fastebm.grpo.advantages import combine_rewards
+from fastebm.grpo.loss import LossOutput, compute_grpo_loss, loss_options
 
-__all__ = ["combine_rewards", "group_normalize", "LossOutput", "compute_grpo_loss"]
+__all__ = ["combine_rewards", "LossOutput", "compute_grpo_loss", "loss_options"]

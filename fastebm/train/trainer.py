@@ -38,7 +38,7 @@ import torch
 from fastebm.config import Config
 from fastebm.data.records import Profiles, Record, RecordSampler
 from fastebm.grpo.advantages import combine_rewards
-from fastebm.grpo.loss import compute_grpo_loss
+from fastebm.grpo.loss import compute_grpo_loss, loss_options
 from fastebm.model.decode import shared_prefix_rollout
 from fastebm.model.forward import completion_hidden_states, lm_head_weight
 from fastebm.model.prefix import shared_prefix_hidden_states
@@ -327,6 +327,7 @@ class Trainer:
         # Normalisers are GLOBAL (all ranks' sequences / completion tokens); FSDP sums the gradients.
         N, total_tokens = (int(x) for x in self.dist.all_reduce_sum(len(comps), sum(len(c) for c in comps)))
         losses, kls, clips, gnorms, prefix = [], [], [], [], 0
+        options = loss_options(g, temperature, cfg.rollout.max_new_tokens)
         for _ in range(g.mu):
             step_loss, kl_sum, clip_sum = 0.0, 0.0, 0.0
             for idx in self._micro_batches(len(comps)):
@@ -337,9 +338,7 @@ class Trainer:
                 sl = lambda x: None if x is None else x[idx, :Tc]  # noqa: E731
                 out = compute_grpo_loss(
                     cb.hidden, lm_head_weight(model), cb.ids, cb.mask, advantages[idx], sl(old_logps), sl(ref_logps),
-                    kernel=g.kernel, beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
-                    temperature=temperature, loss_type=g.loss_type, importance_sampling_level=g.importance_sampling_level,
-                    delta=g.delta, max_completion_length=cfg.rollout.max_new_tokens, num_items_in_batch=total_tokens)
+                    options, kernel=g.kernel, num_items_in_batch=total_tokens)
                 mb_tokens = int(cb.mask.sum())
                 # Scale each micro-batch so that the accumulated gradient is that of the whole batch.
                 scale = {"grpo": len(idx) / N, "dr_grpo": len(idx) / N,

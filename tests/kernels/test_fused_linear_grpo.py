@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastebm.grpo.loss import compute_grpo_loss
-from fastebm.kernels import fused_linear_grpo_loss, fused_linear_grpo_loss_ref, linear_logprobs
+from fastebm.kernels import GRPOLossOptions, fused_linear_grpo_loss, fused_linear_grpo_loss_ref, linear_logprobs
 
 from kernel_helpers import BACKENDS, assert_3way, make_batch
 
@@ -131,12 +131,12 @@ def test_bias_and_frozen_weight(backend, small_tiles):
 
 def test_compute_grpo_loss_front_end_fused_matches_reference():
     b = make_batch(2, 6, 32, 500, seed=11)
-    cfg = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, temperature=0.9, loss_type="grpo")
+    options = GRPOLossOptions(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, temperature=0.9, loss_type="grpo")
     outs = {}
     for kernel in ("fused", "eager"):
         h = b["hidden"].clone().requires_grad_()
         w = b["weight"].clone().requires_grad_()
-        o = compute_grpo_loss(h, w, b["ids"], b["mask"], b["adv"], b["old"], b["ref"], kernel=kernel, **cfg)
+        o = compute_grpo_loss(h, w, b["ids"], b["mask"], b["adv"], b["old"], b["ref"], options, kernel=kernel)
         o.loss.backward()
         outs[kernel] = (o.loss.detach(), h.grad, w.grad, o.per_token_logps, o.kl, o.clip_ratio)
     for a, r in zip(outs["fused"], outs["eager"]):

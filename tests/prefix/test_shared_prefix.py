@@ -11,6 +11,7 @@ import torch
 
 from fastebm.config import RolloutConfig
 from fastebm.grpo.loss import compute_grpo_loss
+from fastebm.kernels import GRPOLossOptions
 from fastebm.kernels.fused_linear_logprobs import eager_token_logprobs as token_logprobs
 from fastebm.model.decode import shared_prefix_rollout
 from fastebm.model.forward import completion_hidden_states, lm_head_weight
@@ -92,8 +93,8 @@ def test_training_forward_loss_and_gradients_agree(setup, checkpointing):
     def loss_and_grads(fn):
         model.zero_grad(set_to_none=True)
         cb = fn(model, prompts, comps, index)
-        out = compute_grpo_loss(cb.hidden, W, cb.ids, cb.mask, adv, None, ref_lp, beta=0.04, epsilon_low=0.2,
-                                epsilon_high=0.28, temperature=0.9)
+        out = compute_grpo_loss(cb.hidden, W, cb.ids, cb.mask, adv, None, ref_lp,
+                                GRPOLossOptions(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, temperature=0.9))
         out.loss.backward()
         return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

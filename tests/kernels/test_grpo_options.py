@@ -1,0 +1,135 @@
+"""GRPOLossOptions: one object carries the loss settings. It checks itself (errors name the field),
+keywords given to the public functions override its fields, every entry point gives the same
+result for the same settings, and the trainer's ``[grpo]`` section maps onto it."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import pytest
+import torch
+
+from fastebm.config import GRPOConfig
+from fastebm.grpo.loss import compute_grpo_loss, loss_options
+from fastebm.kernels import (FusedLinearGRPOLoss, GRPOLossOptions, fused_linear_grpo_loss, fused_linear_grpo_loss_ref,
+                             grpo_loss, grpo_loss_ref)
+from fastebm.kernels.grpo_semantics import IS_LEVELS, LOSS_TYPES
+
+from kernel_helpers import make_batch
+
+BAD = [
+    ("beta", -0.1), ("beta", float("nan")), ("beta", "0.04"), ("epsilon_low", -0.2), ("epsilon_high", float("inf")),
+    ("temperature", 0.0), ("temperature", True), ("loss_type", "ppo"), ("importance_sampling_level", "seq"),
+    ("delta", 0.0), ("delta", -1.0), ("max_completion_length", 0), ("max_completion_length", 8.0),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD, ids=[f"{f}={v!r}" for f, v in BAD])
+def test_bad_option_names_its_field(field, value):
+    with pytest.raises(ValueError, match=rf"GRPOLossOptions\.{field} must be"):
+        GRPOLossOptions(**{field: value})
+
+
+def test_dr_grpo_needs_max_completion_length():
+    with pytest.raises(ValueError, match=r"GRPOLossOptions\.max_completion_length must be set .*dr_grpo"):
+        GRPOLossOptions(loss_type="dr_grpo")
+    assert GRPOLossOptions(loss_type="dr_grpo", max_completion_length=16).max_completion_length == 16
+    # built once in the module's constructor: the error comes before any forward
+    with pytest.raises(ValueError, match="max_completion_length"):
+        FusedLinearGRPOLoss(loss_type="dr_grpo")
+
+
+def test_options_are_frozen_and_replace_checks_again():
+    o = GRPOLossOptions(beta=0.1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.beta = 0.2
+    assert dataclasses.replace(o, beta=0.0).beta == 0.0 and o.beta == 0.1
+    with pytest.raises(ValueError, match="GRPOLossOptions.epsilon_high"):
+        dataclasses.replace(o, epsilon_high=-1.0)
+    with pytest.raises(TypeError):
+        GRPOLossOptions(0.04)  # keyword-only: adding fields can never shift a positional meaning
+
+
+def _fused(fn, b, *args, **kw):
+    h = b["hidden"].clone().requires_grad_()
+    w = b["weight"].clone().requires_grad_()
+    loss, m = fn(h, w, b["ids"], b["mask"], b["adv"], b["old"], b["ref"], *args, **kw)
+    loss.backward()
+    return [loss.detach(), h.grad, w.grad, m["per_token_logps"], m["kl"], m["clip_ratio"]]
+
+
+def _logits(fn, b, *args, **kw):
+    x = (b["hidden"] @ b["weight"].t()).requires_grad_()
+    loss, m = fn(x, b["ids"], b["mask"], b["adv"], b["old"], b["ref"], *args, **kw)
+    loss.backward()
+    return [loss.detach(), x.grad, m["per_token_logps"], m["kl"], m["clip_ratio"]]
+
+
+def _equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("fn,run,extra", [(fused_linear_grpo_loss, _fused, dict(backend="torch")),
+                                          (fused_linear_grpo_loss_ref, _fused, {}),
+                                          (grpo_loss, _logits, dict(backend="torch")),
+                                          (grpo_loss_ref, _logits, {})],
+                         ids=["fused", "fused_ref", "logits", "logits_ref"])
+def test_options_and_keywords_are_one_setting(fn, run, extra):
+    b = make_batch(2, 5, 16, 97, seed=4)
+    kw = dict(beta=0.05, epsilon_low=0.1, epsilon_high=0.3, temperature=0.7, loss_type="bnpo",
+              importance_sampling_level="sequence", delta=1.4)
+    opts = GRPOLossOptions(**kw)
+    by_options = run(fn, b, opts, **extra)
+    assert _equal(by_options, run(fn, b, options=opts, **extra))
+    assert _equal(by_options, run(fn, b, **kw, **extra))                      # keywords only (as before)
+    # keywords override fields of options; the override takes effect
+    over = run(fn, b, dataclasses.replace(opts, temperature=1.0), temperature=0.7, **extra)
+    assert _equal(by_options, over)
+    assert not torch.equal(run(fn, b, opts, temperature=1.0, **extra)[0], by_options[0])
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['epsilon'\]"):
+        run(fn, b, opts, epsilon=0.2, **extra)
+    with pytest.raises(TypeError, match="options must be a GRPOLossOptions"):
+        run(fn, b, kw, **extra)
+    with pytest.raises(ValueError, match="GRPOLossOptions.loss_type"):
+        run(fn, b, opts, loss_type="ppo", **extra)
+
+
+def test_loss_options_from_the_grpo_section():
+    cfg = GRPOConfig(beta=0.1, epsilon_low=0.15, epsilon_high=0.25, delta=1.8, loss_type="dr_grpo",
+                     importance_sampling_level="sequence", mu=2, kernel="eager")
+    assert loss_options(cfg, 0.7, 64) == GRPOLossOptions(
+        beta=0.1, epsilon_low=0.15, epsilon_high=0.25, temperature=0.7, loss_type="dr_grpo",
+        importance_sampling_level="sequence", delta=1.8, max_completion_length=64)
+    with pytest.raises(ValueError, match="GRPOLossOptions.epsilon_low"):
+        loss_options(GRPOConfig(epsilon_low=-0.1), 1.0, 64)
+
+
+def test_config_choices_are_kernel_choices():
+    # Every loss type / IS level the [grpo] section offers must be one the kernels implement.
+    hints = typing.get_type_hints(GRPOConfig)
+    assert set(typing.get_args(hints["loss_type"])) <= set(LOSS_TYPES)
+    assert set(typing.get_args(hints["importance_sampling_level"])) <= set(IS_LEVELS)
+
+
+def test_compute_grpo_loss_takes_options_only():
+    b = make_batch(2, 4, 8, 50, seed=1)
+    opts = GRPOLossOptions(beta=0.0)
+    out = compute_grpo_loss(b["hidden"], b["weight"], b["ids"], b["mask"], b["adv"], b["old"], None, opts,
+                            kernel="eager")
+    assert out.loss.ndim == 0 and out.kl.item() == 0.0
+    with pytest.raises(TypeError, match="GRPOLossOptions"):
+        compute_grpo_loss(b["hidden"], b["weight"], b["ids"], b["mask"], b["adv"], b["old"], None, None)
+    with pytest.raises(TypeError):
+        compute_grpo_loss(b["hidden"], b["weight"], b["ids"], b["mask"], b["adv"], b["old"], None, opts, beta=0.1)
+    with pytest.raises(ValueError, match="grpo.kernel"):
+        compute_grpo_loss(b["hidden"], b["weight"], b["ids"], b["mask"], b["adv"], b["old"], None, opts,
+                          kernel="reference")
+
+
+def test_module_builds_its_options_once():
+    mod = FusedLinearGRPOLoss(beta=0.0, epsilon_high=0.28, loss_type="bnpo", temperature=0.9, backend="torch")
+    assert mod.options == GRPOLossOptions(beta=0.0, epsilon_high=0.28, loss_type="bnpo", temperature=0.9)
+    with pytest.raises(ValueError, match="FusedLinearGRPOLoss supports loss types"):
+        FusedLinearGRPOLoss(loss_type="cispo")
+    with pytest.raises(ValueError, match="GRPOLossOptions.delta"):
+        FusedLinearGRPOLoss(delta=-1.0)
