@@ -3,9 +3,9 @@
 Every distinct video of a records file is decoded once (policy and CLIP frames, with the
 ``[video]`` sampling parameters, which are part of the cache key) and stored in ``cfg.cache_dir``.
 Clips already cached are only hashed. Bad files are returned, never fatal. Decoding runs on
-``VideoPrefetcher.map`` (``video.num_workers`` workers ahead, each clip under ``video.timeout_s``). ``embed_clips`` (the
-command passes the CLIP reward's frame embedder when the recipe enables it) is called on the CLIP
-frames of every 8 decoded clips.
+``VideoPrefetcher.map`` (``video.num_workers`` workers ahead, each clip under ``video.timeout_s``).
+``embed_clips`` (the command passes the CLIP reward's frame embedder when the recipe enables it) is
+called on the CLIP frames of every 8 decoded clips.
 """
 from __future__ import annotations
 

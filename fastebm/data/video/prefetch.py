@@ -163,7 +163,7 @@ def _process_main(conn) -> None:
     while True:
         try:
             task = conn.recv()
-        except EOFError:  # the consumer is gone
+        except (EOFError, KeyboardInterrupt):  # the consumer is gone, or Ctrl-C reached the group
             return
         if task is None:
             return
@@ -474,14 +474,13 @@ class _Pool:
             live, self.live = list(self.live), set()
             self.urgent.clear()
             self.queue.clear()
-            busy = [s for s in self.slots if s.busy]
+            busy = [s.worker for s in self.slots if s.busy and isinstance(s.worker, _ProcessWorker)]
             idle = [s for s in self.slots if not s.busy]
             self.cond.notify_all()
         for job in live:
             self.complete(job, "fatal", "VideoPrefetcher closed")
-        for s in busy:
-            if isinstance(s.worker, _ProcessWorker):
-                s.worker.close(busy=True)
+        for worker in busy:
+            worker.close(busy=True)
         self.close_spares()
         for s in idle:
             if s.thread is not threading.current_thread():
