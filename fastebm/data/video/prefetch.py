@@ -98,13 +98,14 @@ class _Job:
     """Nobody will ask for it (a dropped guess, a closed ``map``): a slot skips it if not claimed yet."""
 
 
-def _execute(fn: Callable, args: tuple) -> tuple[str, object]:
-    """Runs inside a worker: (status, value) for every outcome; nothing escapes."""
+def _execute(fn: Callable, args: tuple, catch: type = BaseException) -> tuple[str, object]:
+    """(status, value) of ``fn(*args)``. In a worker nothing escapes (a thread that died would leave
+    its job unanswered); in the caller's own thread ``catch=Exception`` lets Ctrl-C through."""
     try:
         return "ok", fn(*args)
     except VideoError as e:
         return "err", e
-    except BaseException as e:  # a bug or an unexpected library error: the caller decides
+    except catch as e:  # a bug or an unexpected library error: the caller decides
         return "exc", e
 
 
@@ -421,7 +422,7 @@ class _Pool:
         """num_workers=0: ``job`` on an on-demand worker, watched by the calling thread."""
         if self.worker_type == "thread":
             if self.timeout_s is None:  # nothing to watch: decode here
-                self.complete(job, *_execute(job.fn, job.args))
+                self.complete(job, *_execute(job.fn, job.args, catch=Exception))
                 return
             cuda = self.cuda_device
             spares, lock = _spare_thread_list(cuda), _spare_lock
