@@ -2,9 +2,10 @@
 
 Every distinct video of a records file is decoded once (policy and CLIP frames, with the
 ``[video]`` sampling parameters, which are part of the cache key) and stored in ``cfg.cache_dir``.
-Clips already cached are only hashed. Bad files are returned, never fatal. ``embed_clips`` (the
-command passes the CLIP reward's frame embedder when the recipe enables it) is called on the CLIP
-frames of every 8 decoded clips.
+Clips already cached are only hashed. Bad files are returned, never fatal. Decoding runs on
+``VideoPrefetcher.map`` (``video.num_workers`` workers ahead, each clip under ``video.timeout_s``).
+``embed_clips`` (the command passes the CLIP reward's frame embedder when the recipe enables it) is
+called on the CLIP frames of every 8 decoded clips.
 """
 from __future__ import annotations
 
@@ -44,8 +45,7 @@ def precompute(paths: list[str], cfg, num_workers: int | None = None,
     """Decode-and-cache ``paths``; returns {"decoded": n, "cached": n, "skipped": [{"video", "reason"}],
     "clip_embedded": n}. ``embed_clips(list of CLIP frame tensors)`` runs on every 8 clips (one
     image-tower pass each) when given."""
-    from fastebm.data.video import VideoError, decode_stats, reset_decode_stats
-    from fastebm.data.video.loader import VideoPrefetcher
+    from fastebm.data.video import VideoError, VideoPrefetcher, decode_stats, reset_decode_stats
 
     if not cfg.cache_dir:
         raise ValueError("precompute needs a cache directory: --cache-dir or video.cache_dir")
@@ -59,8 +59,8 @@ def precompute(paths: list[str], cfg, num_workers: int | None = None,
             embedded += len(pending)
         pending.clear()
 
-    with VideoPrefetcher(paths, cfg, num_workers=num_workers) as pf:
-        for path, item in pf:
+    with VideoPrefetcher(cfg, num_workers) as pf:
+        for path, item in pf.map(paths):  # input order; a bad clip is an item, never fatal
             if isinstance(item, VideoError):
                 skipped.append({"video": path, "reason": item.reason})
                 continue

@@ -66,9 +66,9 @@ def test_auto_chooses_per_codec(clips):
 
 
 def test_auto_follows_cpu_preference_table(clips, monkeypatch):
-    from fastebm.data.video import api
+    from fastebm.data.video import backend
 
-    monkeypatch.setitem(api.CPU_PREFERENCE, "vp9", "dali")
+    monkeypatch.setitem(backend.CPU_PREFERENCE, "vp9", "dali")
     assert decode(clips["vp9_small"], num_frames=2).meta.backend == "dali"
     assert decode(clips["h264"], num_frames=2).meta.backend == "pyav"
 

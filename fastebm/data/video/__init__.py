@@ -7,19 +7,22 @@ Public API::
     d = decode("clip.mp4", fps=2.0)               # d.frames uint8 [T, H, W, 3], d.meta: VideoMeta
     s = load_video_sample("clip.mp4", cfg.video)  # s.pixel_values_videos, s.video_grid_thw, s.clip_frames ...
 
+    with VideoPrefetcher(cfg.video) as pf:          # decode ahead, each clip under video.timeout_s
+        pf.prefetch(paths); s = pf.get(paths[0])    # or: for path, item in pf.map(paths)
+
+Modules by job: ``decoder`` (decode, load_video_sample), ``prefetch`` (VideoPrefetcher), ``backend``
+(which decoder takes a file), ``stats`` (decode counters), ``threads`` (torch threads of decode
+threads), ``cache``, ``sampling``, ``preprocess``, ``pyav_backend``, ``dali_backend``, ``common`` (types).
+
 See docs/video.md for backends, sampling rules, the cache, the prefetcher and bad-input handling.
 """
-from .api import (
-    CPU_PREFERENCE,
+from .backend import CPU_PREFERENCE, choose_backend
+from .decoder import (
     build_sample,
-    choose_backend,
     decode,
     decode_sample_frames,
-    decode_stats,
     load_sample_frames,
     load_video_sample,
-    reset_decode_stats,
-    run_with_deadline,
     sampling_params,
 )
 from .cache import VideoCache, content_hash
@@ -33,9 +36,10 @@ from .preprocess import (
     resize_frames,
     smart_resize,
 )
-from .loader import VideoPrefetcher
+from .prefetch import VideoPrefetcher
 from .pyav_backend import probe
 from .sampling import clip_frame_indices, clip_num_frames, policy_frame_indices, policy_num_frames
+from .stats import decode_stats, reset_decode_stats
 
 __all__ = [
     "CPU_PREFERENCE", "DecodedVideo", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "StreamInfo", "VideoCache",
@@ -43,5 +47,5 @@ __all__ = [
     "clip_num_frames", "clip_pixel_values", "clip_resize_crop", "content_hash", "decode",
     "decode_sample_frames", "decode_stats", "load_video_sample", "normalize_patchify",
     "policy_frame_indices", "policy_num_frames", "probe", "reset_decode_stats", "resize_frames",
-    "load_sample_frames", "run_with_deadline", "sampling_params", "smart_resize",
+    "load_sample_frames", "sampling_params", "smart_resize",
 ]
