@@ -111,11 +111,13 @@ class VideoConfig:
     clip_size: int = 224
     """Side of the CLIP-reward frames: shorter side resized to it (bicubic), then centre-cropped square (0: source size)."""
     num_workers: int = 2
-    """Decoders working ahead: the trainer's decode threads (this batch's clips in parallel, the next
-    batch's while the step runs) and ``fastebm data precompute``'s workers (0: decode in the loop)."""
+    """Decode workers of the video prefetcher working ahead: the trainers' (this batch's clips in parallel,
+    the next batch's while the step runs) and ``fastebm data precompute``'s (0: nothing ahead; each clip is
+    decoded when needed, on an on-demand worker when video.timeout_s is set)."""
     worker_type: Literal["auto", "thread", "process"] = "auto"
-    """Workers of ``fastebm data precompute`` (VideoPrefetcher): ``process`` (killable on timeout; PyAV on
-    the CPU), ``thread`` (DALI on a GPU); ``auto`` picks threads when DALI decodes on a GPU, else processes."""
+    """Decode workers of the video prefetcher: ``thread`` (DALI on a GPU keeps frames there; PyAV and DALI
+    decode outside the GIL) or ``process`` (killable on timeout). ``auto``: threads for the trainers' decode-ahead;
+    for ``fastebm data precompute`` threads when DALI decodes on a GPU (or with no workers), else processes."""
 
 
 @dataclass

@@ -5,9 +5,9 @@
                           geometry=video_geometry(policy.model), records_file=cfg.data.train)
     batch = batches.next(prefetch_next=step + 1 < steps)   # Batch(records, prompts)
 
-GRPO rolls the prompts out; SFT appends each record's target. The video decode is behind two calls
-(``DecodeAhead.prefetch(paths)``: start decoding these; ``DecodeAhead.get(path)``: this path's
-sample), so the decoder can be swapped without touching the batch logic.
+GRPO rolls the prompts out; SFT appends each record's target. Clips come from the one video
+prefetcher (``fastebm.data.video.VideoPrefetcher``): ``prefetch(paths)`` starts decoding these,
+``get(path)`` gives this path's sample (the per-file time limit included).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fastebm.data import DataError
 from fastebm.data.prompts import build_messages, encode_prompt
 from fastebm.data.records import Profiles, Record, RecordSampler, resolve_video
-from fastebm.data.video import VideoError
+from fastebm.data.video import VideoError, VideoPrefetcher
 from fastebm.model.forward import Prompt
 from fastebm.train.builders import SkipRecorder
 from fastebm.train.parallel import Dist
@@ -37,8 +37,11 @@ class BatchSource:
     sampler stays identical everywhere (resume continues mid-epoch on every rank) and the global
     batch is the 1-process batch. Rank 0 writes every rank's skips to skipped.jsonl.
 
-    Clips are decoded ahead of use on the ``video.num_workers`` decode threads: this batch's, then
-    (when asked) the next batch's while the step runs.
+    Clips are decoded ahead of use on the ``video.num_workers`` decode workers (threads unless
+    ``video.worker_type = "process"``: PyAV and DALI decode outside the GIL, and DALI on a GPU keeps
+    its frames there): this batch's, then (when asked) the next batch's while the step runs. A guess
+    that turns out wrong (a skipped video changes the draw) costs one wasted decode, never a wrong
+    sample: results are looked up by path.
     """
 
     def __init__(self, records: list[Record], sampler: RecordSampler, profiles: Profiles, tokenizer,
@@ -47,7 +50,8 @@ class BatchSource:
         self.records, self.sampler, self.profiles, self.tokenizer = records, sampler, profiles, tokenizer
         self.skips, self.dist, self.data_cfg, self.records_file = skips, dist, data_cfg, records_file
         self.per_rank = prompts_per_step // dist.world_size
-        self.video = DecodeAhead(video_cfg, geometry)
+        kind = "thread" if video_cfg.worker_type == "auto" else video_cfg.worker_type
+        self.video = VideoPrefetcher(video_cfg, worker_type=kind, **geometry)
 
     def next(self, prefetch_next: bool = True) -> Batch:
         """The next batch; with ``prefetch_next`` the following batch's clips start decoding now."""
@@ -96,46 +100,3 @@ class BatchSource:
         messages = build_messages(rec, self.profiles.get(rec.data_source, rec.assistant), d.tags,
                                   d.max_history_turns)
         return Prompt(encode_prompt(self.tokenizer, messages, video.num_video_tokens), video)
-
-
-class DecodeAhead:
-    """Clips decoded ahead of use on ``video.num_workers`` threads (PyAV and DALI do their work
-    outside the GIL), looked up by path. Two calls: ``prefetch(paths)`` and ``get(path)``."""
-
-    def __init__(self, video_cfg, geometry: dict):
-        self.cfg, self.geometry = video_cfg, geometry
-        self._ahead: dict = {}  # path -> Future of its VideoSample
-        self._pool = None       # the decode threads, started on first use
-
-    def prefetch(self, paths: list[str]) -> None:
-        """Start decoding ``paths``. A guess that turns out wrong (a skipped video changes the draw)
-        costs one wasted decode, never a wrong sample: results are looked up by path."""
-        if self.cfg.num_workers <= 0:
-            return
-        if self._pool is None:
-            from fastebm.data.video.api import decode_thread_pool
-
-            self._pool = decode_thread_pool(self.cfg.num_workers)  # torch single-threaded in them
-        from fastebm.data.video import load_video_sample
-
-        for path in paths:
-            if path not in self._ahead:
-                self._ahead[path] = self._pool.submit(load_video_sample, path, self.cfg, **self.geometry)
-
-    def get(self, path: str):
-        """The VideoSample of ``path``: decoded ahead, or here (each clip once per use either way).
-        A failed decode raises VideoError (the per-file time limit included)."""
-        fut = self._ahead.pop(path, None)
-        if fut is not None:
-            return fut.result()
-        from fastebm.data.video import load_video_sample
-
-        return load_video_sample(path, self.cfg, **self.geometry)
-
-    def close(self) -> None:
-        """Stop the decode threads (decodes not started are cancelled)."""
-        if self._pool is not None:
-            for f in self._ahead.values():
-                f.cancel()
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool, self._ahead = None, {}

@@ -65,14 +65,14 @@ def test_decode_thread_pools_keep_main_threads(where, tmp_path):
     torch.randn(64, 64) @ torch.randn(64, 64)
     print(inner[0], torch.get_num_threads())
     """
-    else:  # the trainer's decode-ahead pool (until the trainer uses VideoPrefetcher)
-        body = """
-            import torch
-            from fastebm.data.video.api import decode_thread_pool
-            with decode_thread_pool(1) as pool:
-                inner = pool.submit(torch.get_num_threads).result()
-            torch.randn(64, 64) @ torch.randn(64, 64)
-            print(inner, torch.get_num_threads())
-        """
+    else:  # the trainer's decode-ahead: the batch source's prefetcher (prefetch, then get)
+        body = SPY.format(clip=clip) + f"""
+    from fastebm.data.video import VideoPrefetcher
+    with VideoPrefetcher(VideoConfig(backend="pyav", timeout_s=30.0), num_workers=2, worker_type="thread") as pf:
+        pf.prefetch([{clip!r}])
+        pf.get({clip!r})
+    torch.randn(64, 64) @ torch.randn(64, 64)
+    print(inner[0], torch.get_num_threads())
+    """
     got = _run(body)
     assert got == [1, 2]  # the decode thread: 1; the main thread keeps its own

@@ -26,16 +26,3 @@ def keep_torch_threads() -> None:
 def decode_thread_init() -> None:
     """First call in every thread that decodes video: its torch ops run on one thread (see the module)."""
     torch.set_num_threads(1)
-
-
-def decode_thread_pool(num_workers: int):
-    """A ThreadPoolExecutor of ``num_workers`` decode threads (``decode_thread_init`` in each).
-
-    To be removed once the trainer uses VideoPrefetcher.prefetch/get (the trainer's decode-ahead is
-    its only user; its tasks call ``load_video_sample``, whose time limit runs on a decode thread of
-    the prefetcher's own).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    keep_torch_threads()
-    return ThreadPoolExecutor(num_workers, thread_name_prefix="fastebm-video", initializer=decode_thread_init)
