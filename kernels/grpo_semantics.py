@@ -16,7 +16,8 @@ feed it log-probs of plain-torch logits, so their semantics cannot drift apart. 
     sequence IS:  w = exp(masked mean of log_ratio over the sequence), broadcast to tokens
     loss_t = -min(clamp(w, max=delta) * A, clamp(w, 1 - eps_low, 1 + eps_high) * A)
     loss_t *= vllm_is_ratio                           (when given)
-    loss_t += beta * (exp(ref - logp) - (ref - logp) - 1)     (k3 KL, when beta != 0)
+    loss_t += beta * (exp(d) - d - 1), d = ref - logp         (k3 KL, when beta != 0;
+                                                              d clamped to +-kl_clamp when set)
 
     grpo:    mean over sequences of (masked token mean per sequence)
     bnpo:    masked token sum / number of unmasked tokens
@@ -80,6 +81,9 @@ class GRPOLossOptions:
     """Two-sided clipping: the unclipped ratio is also capped at delta (None: off)."""
     max_completion_length: Optional[int] = None
     """dr_grpo's constant normaliser (tokens per sequence); required by dr_grpo, unused otherwise."""
+    kl_clamp: Optional[float] = None
+    """Clamp the k3 KL's log-ratio ``ref - logp`` to [-kl_clamp, kl_clamp] (None: off, as TRL; EBM-RL's
+    released run: 10). ``torch.clamp``: no KL gradient where the log-ratio is outside the range."""
 
     def __post_init__(self):
         def need(ok: bool, name: str, what: str) -> None:
@@ -99,6 +103,8 @@ class GRPOLossOptions:
              "max_completion_length", "None or an int >= 1")
         need(self.loss_type != "dr_grpo" or mcl is not None, "max_completion_length",
              "set (an int >= 1) when loss_type='dr_grpo'")
+        need(self.kl_clamp is None or (_is_number(self.kl_clamp) and self.kl_clamp > 0), "kl_clamp",
+             "None or a finite number > 0")
 
 
 OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(GRPOLossOptions))
@@ -175,6 +181,8 @@ def per_token_grpo_loss(logps: torch.Tensor, old_logps: Optional[torch.Tensor],
         if ref_logps is None:
             raise ValueError("beta != 0 needs reference log-probs")
         d = ref_logps - logps
+        if o.kl_clamp is not None:
+            d = torch.clamp(d, min=-o.kl_clamp, max=o.kl_clamp)
         kl = torch.exp(d) - d - 1
         per_token = per_token + o.beta * kl
     return per_token, kl, clipped

@@ -30,7 +30,7 @@ def loss_options(grpo_cfg: GRPOConfig, temperature: float, max_completion_length
         beta=grpo_cfg.beta, epsilon_low=grpo_cfg.epsilon_low, epsilon_high=grpo_cfg.epsilon_high,
         temperature=temperature, loss_type=grpo_cfg.loss_type,
         importance_sampling_level=grpo_cfg.importance_sampling_level, delta=grpo_cfg.delta,
-        max_completion_length=max_completion_length)
+        max_completion_length=max_completion_length, kl_clamp=grpo_cfg.kl_clamp)
 
 
 def compute_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor,

@@ -155,7 +155,7 @@ class Trainer:
         t2 = time.perf_counter()
         scored = self.score_step(batch, roll)
         advantages = combine_rewards({n: torch.tensor(v) for n, v in scored.rewards.items()}, cfg.rewards.weights,
-                                     cfg.rollout.group_size, cfg.rewards.normalize, cfg.rewards.eps,
+                                     cfg.rollout.group_size, cfg.rewards.normalize, cfg.rewards.std_eps,
                                      cfg.rewards.scale).to(self.device)
         t3 = time.perf_counter()
         stats = self.update(batch, roll, advantages, scored.old_logps, scored.ref_logps, self.logprob_temperature)
