@@ -41,7 +41,14 @@ from fastebm.model.rollout import RolloutResult, eos_ids, suppressed_ids
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """(G, V) fp32 logits (suppressed tokens already -inf) -> (G,) token ids; temperature 0 is greedy."""
+    """(G, V) fp32 logits (suppressed tokens already -inf) -> (G,) token ids; temperature 0 is greedy.
+
+    transformers' sampling, step for step: logits / temperature (TemperatureLogitsWarper), then top-k
+    (TopKLogitsWarper: below the k-th largest -> -inf, ties kept), then top-p on what is left
+    (TopPLogitsWarper: the low tail whose renormalised mass is <= 1 - top_p -> -inf, the top token always
+    kept), then one multinomial draw from the softmax. The rollout's log-probs are NOT these: they are the
+    full softmax at the temperature (``shared_prefix_rollout``), as TRL and the released run compute them.
+    """
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature

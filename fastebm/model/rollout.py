@@ -4,6 +4,12 @@ Hugging Face ``generate`` with ``num_return_sequences=G`` (greedy: a batch of G 
 ``generate`` needs there), one prompt at a time: the prefix runs once per sample, as in the
 reference implementation. ``fastebm.model.decode.shared_prefix_rollout`` is the fast path with the
 same contract: ``rollout(model, tokenizer, prompts, cfg) -> RolloutResult``.
+
+Sampling is ``rollout.temperature``, then ``rollout.top_k``, then ``rollout.top_p`` (transformers'
+warper order), with the vision placeholders suppressed, and nothing else: every setting that shapes
+the distribution is passed explicitly (``sampling_config``) and the checkpoint's own
+``generation_config.json`` is set aside for the call (transformers would fill any setting left unset
+from it, e.g. Qwen2-VL's top_k=1 and repetition_penalty=1.05, then from its defaults, e.g. top_k=50).
 """
 from __future__ import annotations
 
@@ -43,12 +49,42 @@ def _repeat(key: str, x: torch.Tensor, G: int) -> torch.Tensor:
     return x.expand(G, -1).contiguous() if key in _PER_TOKEN else torch.cat([x] * G)
 
 
-def _generate(model, inputs: dict, G: int, greedy: bool, gen_kwargs: dict) -> torch.Tensor:
+def _generate(model, inputs: dict, G: int, greedy: bool, gen_config) -> torch.Tensor:
     """G sequences for one prompt: ``num_return_sequences=G``, or, greedy (which ``generate``
-    refuses to repeat), a batch of G copies."""
+    refuses to repeat), a batch of G copies (``gen_config`` then returns one sequence per row)."""
+    with _own_generation_config(model):
+        if greedy:
+            return model.generate(**{k: _repeat(k, v, G) for k, v in inputs.items()}, generation_config=gen_config)
+        return model.generate(**inputs, generation_config=gen_config)
+
+
+def sampling_config(cfg, stops: list[int], pad: int, suppress: list[int], num_return_sequences: int):
+    """The GenerationConfig of a rollout (``cfg``: the ``[rollout]`` section): temperature, top-k (0: off),
+    top-p (1: off), and every other distribution-shaping setting at its neutral value."""
+    from transformers import GenerationConfig
+
+    greedy = cfg.temperature == 0
+    common = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=stops, pad_token_id=pad, suppress_tokens=suppress,
+                  num_beams=1, num_return_sequences=num_return_sequences, repetition_penalty=1.0,
+                  no_repeat_ngram_size=0, renormalize_logits=False)
     if greedy:
-        return model.generate(**{k: _repeat(k, v, G) for k, v in inputs.items()}, **gen_kwargs)
-    return model.generate(**inputs, num_return_sequences=G, **gen_kwargs)
+        return GenerationConfig(do_sample=False, **common)
+    return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                            typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, **common)
+
+
+@contextlib.contextmanager
+def _own_generation_config(model):
+    """Set the checkpoint's generation_config aside while generating (transformers fills unset settings
+    from it); a fresh default one stands in."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 def suppressed_ids(model) -> list[int]:
@@ -68,12 +104,9 @@ def rollout(model, tokenizer, prompts: Sequence[Prompt], cfg, seeds: Optional[Se
     """
     device = next(model.parameters()).device
     G, greedy = cfg.group_size, cfg.temperature == 0
-    stops = eos_ids(model, tokenizer)
+    stops = eos_ids(model, tokenizer)  # read before the checkpoint's generation_config is set aside
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
-                      do_sample=not greedy, suppress_tokens=suppressed_ids(model))
-    if not greedy:
-        gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
+    gen_config = sampling_config(cfg, stops, pad, suppressed_ids(model), 1 if greedy else G)
     was_training = model.training
     model.eval()
     comps, index, truncated, prefill = [], [], [], 0
@@ -93,7 +126,7 @@ def rollout(model, tokenizer, prompts: Sequence[Prompt], cfg, seeds: Optional[Se
             with rng:
                 if seeds is not None:
                     torch.manual_seed(int(seeds[p_i]))
-                out = _generate(model, inputs, G, greedy, gen_kwargs)
+                out = _generate(model, inputs, G, greedy, gen_config)
             prefill += len(prompt.ids) * G  # the repeated path runs the prefix for every sample
             new = out[:, input_ids.shape[1]:].tolist()
             for seq in new:
