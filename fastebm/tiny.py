@@ -26,12 +26,23 @@ TINY_CLIP_VERSION = 1
 TINY_CLIP_NAME = "fastebm-tiny-clip"
 
 
+# The prompt words the tiny tokenizer was first trained on (fastebm's templates before 0.2), kept as they
+# were: the tokenizer, and so every tiny model already built under model.tiny_cache_dir, stays the same
+# whatever the prompt templates become (they only tokenize into more, shorter pieces).
+_CORPUS_PROMPT_TEXT = [
+    "You are {assistant} from {data_source}, talking with {user}.\n"
+    "Character profile: {profile}\n"
+    "Watch the video as {assistant} sees the scene, then reply in character in exactly this format:\n"
+    "<{v}> what you see in the scene </{v}>\n<{t}> what you make of it </{t}>\n<{a}> your next line </{a}>",
+    "The dialogue so far:\n{history}\nNow reply as {assistant}.",
+]
+
+
 def _tiny_corpus(tags=("vision", "think", "answer")) -> list[str]:
     """Text the tiny tokenizer is trained on: the prompt template words and the sample dialogues."""
-    from fastebm.data.prompts import SYSTEM_TEMPLATE, USER_TEMPLATE
     from fastebm.data.sample import sample_corpus
 
-    lines = [SYSTEM_TEMPLATE, USER_TEMPLATE] + sample_corpus()
+    lines = list(_CORPUS_PROMPT_TEXT) + sample_corpus()
     lines += [f"<{t}>" for t in tags] + [f"</{t}>" for t in tags]
     return lines
 

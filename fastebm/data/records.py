@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from fastebm.data import DataError
+from fastebm.data.profiles import Profiles  # noqa: F401  (re-exported: its home was this module)
 
 
 @dataclass
@@ -174,50 +175,6 @@ def split_by_session(records: list[Record], val_fraction: float, seed: int = 0) 
     train = [r for r in records if u(r.session_id) >= val_fraction]
     val = [r for r in records if u(r.session_id) < val_fraction]
     return train, val
-
-
-class Profiles:
-    """Character profiles keyed by (data_source, character name); a missing one is a neutral default.
-
-    The file is a JSON object ``{data_source: {name: profile text}}``. Lookups that fall back to the
-    default are counted in ``missing`` (per name) so the trainer can report them.
-    """
-
-    NEUTRAL = "No profile is available for this character; stay true to how they speak in the dialogue."
-
-    def __init__(self, table: Optional[dict] = None, source: str = ""):
-        self.table = table or {}
-        self.source = source
-        self.missing: dict[str, int] = {}
-
-    @classmethod
-    def load(cls, path: str) -> "Profiles":
-        if not path:
-            return cls()
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: profiles file not found")
-        try:
-            with open(path, encoding="utf-8") as f:
-                table = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON: {e}") from None
-        if not isinstance(table, dict):
-            raise DataError(f"{path}: expected an object {{data_source: {{name: profile}}}}")
-        for src, chars in table.items():
-            if not isinstance(chars, dict):
-                raise DataError(f"{path}: field '{src}': expected an object of name -> profile text")
-            for name, text in chars.items():
-                if not isinstance(text, str):
-                    raise DataError(f"{path}: field '{src}.{name}': expected a string, got {text!r}")
-        return cls(table, path)
-
-    def get(self, data_source: str, name: str) -> str:
-        text = self.table.get(data_source, {}).get(name)
-        if text is None:
-            key = f"{data_source}/{name}"
-            self.missing[key] = self.missing.get(key, 0) + 1
-            return self.NEUTRAL
-        return text
 
 
 class RecordSampler:
