@@ -14,7 +14,9 @@ included, ending with the assistant turn's opening):
 tokenized ONCE and appended to every sequence, so both terms score the very same answer tokens.
 The blocks are the completion's first ``<vision>`` block and the ``<think>`` block that follows it
 (only plain text between), joined by a newline, as the reference code does; anything else in the
-completion is ignored. No such pair: 0. (The reference tokenizes prompt+blocks+answer as one
+completion is ignored. No such pair: 0. A "with blocks" sequence longer than ``rewards.pcg.max_tokens``
+(when set; the released run: 16384) also scores 0 and is counted in ``step_counts["over_length"]``
+(the ``reward/pcg_over_length`` metric). (The reference tokenizes prompt+blocks+answer as one
 string; tokenizing the pieces separately keeps the answer tokens identical in both sequences.)
 
 Safeguard (``rewards.pcg.safeguard``): the <think> text is split into sentences and those whose
@@ -169,6 +171,9 @@ class PCGReward:
         self.shared_prefix = context.shared_prefix
         self.embedder = SentenceEmbedder(self.pc.embedder_path, context.device) if self.pc.safeguard else None
         self.stats: dict = {}
+        # Per step: samples scored 0 because their teacher sequence passed rewards.pcg.max_tokens (the trainer
+        # reports it as reward/pcg_over_length). Keys fixed at construction: every rank reports the same ones.
+        self.step_counts: dict = {"over_length": 0} if self.pc.max_tokens else {}
         c = self.teacher.model.config
         # Text tokenized from a completion must never contain vision placeholders (the forward would take
         # them for a second video): drop them from the context ids.
@@ -185,7 +190,7 @@ class PCGReward:
             ctx, self.stats = safeguard_blocks(self.embedder, blocks, answers, self.pc.tau, self.tags[1])
         else:
             ctx = [None if b is None else f"{b[0]}\n{b[1]}" for b in blocks]
-        groups = []
+        groups, limit, over = [], self.pc.max_tokens, 0
         for p in range(len(inputs.records)):
             members = [i for i in range(p * G, (p + 1) * G) if ctx[i]]
             answer = answers[p * G]
@@ -194,7 +199,16 @@ class PCGReward:
                 continue
             contexts = [[t for t in tok(ctx[i] + "\n", add_special_tokens=False)["input_ids"] if t not in self.banned]
                         for i in members]
+            if limit:  # prompt (video included) + context + answer over the cap: that sample scores 0, counted
+                fixed = len(inputs.prompt_ids[p]) + len(answer_ids)
+                keep = [j for j, c in enumerate(contexts) if fixed + len(c) <= limit] if fixed <= limit else []
+                over += len(members) - len(keep)
+                members, contexts = [members[j] for j in keep], [contexts[j] for j in keep]
+                if not members:
+                    continue
             groups.append(PCGGroup(p, members, contexts, answer_ids))
+        if limit:
+            self.step_counts = {"over_length": over}
         return groups
 
     def teacher_requests(self, completions, inputs) -> list[TeacherRequest]:

@@ -7,19 +7,26 @@
 
 GRPO rolls the prompts out; SFT appends each record's target. Clips come from the one video
 prefetcher (``fastebm.data.video.VideoPrefetcher``): ``prefetch(paths)`` starts decoding these,
-``get(path)`` gives this path's sample (the per-file time limit included).
+``get(path)`` gives this path's sample (the per-file time limit included). Prompts come from the one
+prompt path, ``fastebm.data.prompts.fit_prompt`` (the ``[prompt]`` templates, ``data.max_prompt_tokens``):
+a record too long even without dialogue history is skipped and recorded like a bad video.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
+from typing import Optional
 
 from fastebm.data import DataError
-from fastebm.data.prompts import build_messages, encode_prompt
+from fastebm.data.prompts import PromptTemplates, PromptTooLong, fit_prompt
 from fastebm.data.records import Profiles, Record, RecordSampler, resolve_video
 from fastebm.data.video import VideoError, VideoPrefetcher
 from fastebm.model.forward import Prompt
 from fastebm.train.builders import SkipRecorder
 from fastebm.train.parallel import Dist
+
+log = logging.getLogger("fastebm")
 
 
 @dataclass
@@ -46,9 +53,14 @@ class BatchSource:
 
     def __init__(self, records: list[Record], sampler: RecordSampler, profiles: Profiles, tokenizer,
                  skips: SkipRecorder, dist: Dist, *, prompts_per_step: int, data_cfg, video_cfg, geometry: dict,
-                 records_file: str):
+                 records_file: str, templates: Optional[PromptTemplates] = None, max_positions: int = 0,
+                 new_tokens: int = 0):
         self.records, self.sampler, self.profiles, self.tokenizer = records, sampler, profiles, tokenizer
         self.skips, self.dist, self.data_cfg, self.records_file = skips, dist, data_cfg, records_file
+        self.templates, self.video_cfg = templates, video_cfg
+        # The model's position limit and the tokens that follow a prompt (GRPO: rollout.max_new_tokens):
+        # a longer sequence is warned about once per record (positions past the limit are extrapolated).
+        self.max_positions, self.new_tokens, self._warned = max_positions, new_tokens, set()
         self.per_rank = prompts_per_step // dist.world_size
         kind = "thread" if video_cfg.worker_type == "auto" else video_cfg.worker_type
         self.video = VideoPrefetcher(video_cfg, worker_type=kind, **geometry)
@@ -67,12 +79,13 @@ class BatchSource:
             for rec in mine:
                 path = self._path(rec)
                 try:
-                    video = self.video.get(path)
-                except VideoError as e:
-                    skips.append(dict(file=path, record=rec.index, problem_id=rec.problem_id, reason=str(e)))
+                    prompt = self._prompt(rec, self.video.get(path))
+                except (VideoError, PromptTooLong) as e:
+                    skips.append(dict(file=path if isinstance(e, VideoError) else rec.source_file, record=rec.index,
+                                      problem_id=rec.problem_id, reason=str(e)))
                     continue
                 records.append(rec)
-                prompts.append(self._prompt(rec, video))
+                prompts.append(prompt)
             need = []
             for rank_skips in d.all_gather_object(skips):
                 for entry in rank_skips:
@@ -95,8 +108,21 @@ class BatchSource:
         return resolve_video(rec, self.data_cfg.video_root)
 
     def _prompt(self, rec: Record, video) -> Prompt:
-        """The prompt ids exactly as the rollout sees them: system + user turn with the video."""
+        """The prompt ids exactly as the rollout sees them: system + user turn with the video, within
+        ``data.max_prompt_tokens`` (PromptTooLong when even no history fits)."""
         d = self.data_cfg
-        messages = build_messages(rec, self.profiles.get(rec.data_source, rec.assistant), d.tags,
-                                  d.max_history_turns)
-        return Prompt(encode_prompt(self.tokenizer, messages, video.num_video_tokens), video)
+        spacing = getattr(self.video_cfg, "second_per_grid", 0.0)
+        if spacing > 0:  # the released run's fixed M-RoPE time spacing instead of the measured one (Qwen2.5-VL)
+            video = dataclasses.replace(video, second_per_grid_ts=float(spacing))
+        fitted = fit_prompt(self.tokenizer, rec, self.profiles, self.templates, d.tags, video.num_video_tokens,
+                            max_history_turns=d.max_history_turns, max_prompt_tokens=d.max_prompt_tokens)
+        self.check_positions(rec, len(fitted.ids) + self.new_tokens)
+        return Prompt(fitted.ids, video)
+
+    def check_positions(self, rec: Record, length: int) -> None:
+        """Warn (once per record) when a sequence of ``length`` tokens passes the model's position limit."""
+        if self.max_positions and length > self.max_positions and rec.index not in self._warned:
+            self._warned.add(rec.index)
+            log.warning("%s: %d tokens (prompt and what follows it) exceed the model's max_position_embeddings = "
+                        "%d; set data.max_prompt_tokens (the dialogue history is then cut from the left)",
+                        rec.where, length, self.max_positions)

@@ -182,6 +182,13 @@ def build_reference(mcfg: ModelConfig, pcfg: ParallelConfig, env: RunEnv) -> Loa
                                mcfg.attn_implementation, pcfg, env.dist, trainable=False)
 
 
+def max_positions(model) -> int:
+    """The text model's ``max_position_embeddings`` (0 when the config does not say)."""
+    c = model.config
+    return int(getattr(getattr(c, "text_config", None), "max_position_embeddings", None)
+               or getattr(c, "max_position_embeddings", 0) or 0)
+
+
 def video_geometry(model) -> dict:
     """The vision tower's patch geometry, which the video sampler needs (``load_video_sample`` kwargs)."""
     v = model.config.vision_config
@@ -193,6 +200,19 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW
     The parameters' order is the index order of an ``hf`` checkpoint's optimizer state."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+
+
+def total_steps(t: TrainConfig, num_records: int) -> int:
+    """The run's length in steps: ``train.steps``, or with ``train.epochs`` set
+    ceil(epochs x records / prompts_per_step) (records: the usable ones)."""
+    if t.epochs > 0:
+        return max(1, math.ceil(t.epochs * num_records / t.prompts_per_step))
+    return t.steps
+
+
+def epoch_progress(sampler: RecordSampler) -> float:
+    """Passes over the records so far (records drawn / records, skipped draws included): the ``epoch`` metric."""
+    return sampler.epoch + sampler.pos / sampler.n
 
 
 def lr_lambda(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:

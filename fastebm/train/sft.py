@@ -35,12 +35,13 @@ import time
 import torch
 
 from fastebm.config import Config
-from fastebm.data.prompts import sft_target
+from fastebm.data.prompts import load_templates, sft_target
 from fastebm.model.forward import Prompt, completion_hidden_states, lm_head_weight
 from fastebm.model.logprobs import training_logprobs
 from fastebm.train.batches import BatchSource
 from fastebm.train.builders import (Checkpointer, SkipRecorder, TrainingError, build_data, build_optimizer,
-                                    build_policy, build_scheduler, setup_run, video_geometry)
+                                    build_policy, build_scheduler, epoch_progress, max_positions, setup_run,
+                                    total_steps, video_geometry)
 from fastebm.train.checkpoint import latest_checkpoint, resolve_resume
 from fastebm.train.loop import Progress, train_loop
 from fastebm.train.metrics import MetricsWriter
@@ -52,6 +53,7 @@ log = logging.getLogger("fastebm")
 class SFTTrainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.templates = load_templates(cfg.prompt)  # the GRPO stage's templates: a bad one fails before any load
         env = setup_run(cfg, records="cot")  # run dir, device, process group, seed, sample data, config.toml
         self.run_dir, self.device, self.dist = env.run_dir, env.device, env.dist
 
@@ -59,10 +61,11 @@ class SFTTrainer:
         # A record without `process` is skipped like a malformed one (sft_target raises ValueError).
         self.records, self.profiles, self.sampler = build_data(cfg.data.cot, cfg.data.profiles, cfg.run.seed,
                                                                self.skips, require=sft_target)
+        self.total_steps = total_steps(cfg.train, len(self.records))  # train.steps, or train.epochs of the records
         resume_from = resolve_resume(cfg.train.resume, self.run_dir)
         self.policy = build_policy(cfg.model, cfg.parallel, env, resume_from)
         self.optimizer = build_optimizer(self.policy.model, cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train, cfg.train.steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train, self.total_steps)
         self.checkpointer = Checkpointer(self.run_dir, self.policy, self.optimizer, self.scheduler, self.sampler,
                                          self.skips, self.profiles, self.dist, keep=cfg.train.keep_checkpoints)
         self.step = self.checkpointer.restore(resume_from) if resume_from else 0
@@ -71,14 +74,17 @@ class SFTTrainer:
         self.batches = BatchSource(self.records, self.sampler, self.profiles, self.policy.tokenizer, self.skips,
                                    self.dist, prompts_per_step=cfg.train.prompts_per_step, data_cfg=cfg.data,
                                    video_cfg=cfg.video, geometry=video_geometry(self.policy.model),
-                                   records_file=cfg.data.cot)
+                                   records_file=cfg.data.cot, templates=self.templates,
+                                   max_positions=max_positions(self.policy.model))
         self.eos_id = self.policy.tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     def next_batch(self) -> tuple[list[Prompt], list[list[int]]]:
         """This rank's prompts (each clip decoded once) and the target ids of their CoT records."""
-        batch = self.batches.next(prefetch_next=self.step + 1 < self.cfg.train.steps)
+        batch = self.batches.next(prefetch_next=self.step + 1 < self.total_steps)
         tok = self.policy.tokenizer
         targets = [tok(sft_target(rec), add_special_tokens=False)["input_ids"] + [self.eos_id] for rec in batch.records]
+        for rec, p, tgt in zip(batch.records, batch.prompts, targets):
+            self.batches.check_positions(rec, len(p.ids) + len(tgt))
         return batch.prompts, targets
 
     def train_step(self) -> dict:
@@ -110,7 +116,8 @@ class SFTTrainer:
         m = {"step": self.step, "loss": loss_sum, "grad_norm": float(gn), "lr": lr, "tokens/target": total,
              "tokens/prefix": int(prefix), "time/step_s": time.perf_counter() - t0,
              "samples_skipped": self.skips.count,
-             "profiles_missing": int(d.all_reduce_sum(sum(self.profiles.missing.values())))}
+             "profiles_missing": int(d.all_reduce_sum(sum(self.profiles.missing.values()))),
+             "epoch": epoch_progress(self.sampler)}
         self.metrics.write(m)
         return m
 
@@ -123,10 +130,11 @@ class SFTTrainer:
         self.metrics.close()
 
     def train(self) -> list[dict]:
-        """``train.steps`` steps (``fastebm.train.loop.train_loop``), then ``run.output_dir/final``."""
+        """``total_steps`` steps (``train.steps`` or ``train.epochs``; ``fastebm.train.loop.train_loop``),
+        then ``run.output_dir/final``."""
         t = self.cfg.train
-        history = train_loop(self, t.steps, t.checkpoint_every,
-                             Progress(t.steps, self.step, self.cfg.log.progress, _describe))
+        history = train_loop(self, self.total_steps, t.checkpoint_every,
+                             Progress(self.total_steps, self.step, self.cfg.log.progress, _describe))
         if self.dist.is_main:
             final = write_final(self.checkpointer.last_saved, self.run_dir)
             log.info("SFT checkpoint: %s (the model as %s)", self.checkpointer.last_saved, final)

@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 
 from fastebm.config import Config
+from fastebm.data.prompts import load_templates
 from fastebm.data.records import Profiles, Record, RecordSampler
 from fastebm.grpo.advantages import combine_rewards
 from fastebm.grpo.loss import compute_grpo_loss, loss_options
@@ -49,7 +50,8 @@ from fastebm.rewards import (RewardContext, RewardError, RewardInputs, TeacherRe
                              check_rewards, finish_teacher_reward, guarded, needs_teacher, uses_teacher)
 from fastebm.train.batches import Batch, BatchSource
 from fastebm.train.builders import (Checkpointer, SkipRecorder, TrainingError, build_data, build_optimizer,
-                                    build_policy, build_reference, build_scheduler, setup_run, video_geometry)
+                                    build_policy, build_reference, build_scheduler, epoch_progress, max_positions,
+                                    setup_run, total_steps, video_geometry)
 from fastebm.train.checkpoint import latest_checkpoint, resolve_resume
 from fastebm.train.loop import Progress, train_loop
 from fastebm.train.metrics import MetricsWriter, step_metrics
@@ -94,12 +96,14 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         check_rewards(cfg.rewards)  # unknown reward names fail before anything is built (plug-ins imported here)
+        self.templates = load_templates(cfg.prompt)  # a bad template fails before anything is built too
         env = setup_run(cfg, records="train")  # run dir, device, process group, seed, sample data, config.toml
         self.run_dir, self.device, self.dist = env.run_dir, env.device, env.dist
 
         self.skips = SkipRecorder(self.run_dir, self.dist, lambda: getattr(self, "step", 0))
         self.records, self.profiles, self.sampler = build_data(cfg.data.train, cfg.data.profiles, cfg.run.seed,
                                                                self.skips)
+        self.total_steps = total_steps(cfg.train, len(self.records))  # train.steps, or train.epochs of the records
         resume_from = resolve_resume(cfg.train.resume, self.run_dir)
         self.policy = build_policy(cfg.model, cfg.parallel, env, resume_from)
         self.reference = None
@@ -113,7 +117,7 @@ class Trainer:
                                                        video_cache_dir=cfg.video.cache_dir, kernel=cfg.grpo.kernel,
                                                        shared_prefix=cfg.rollout.shared_prefix))
         self.optimizer = build_optimizer(self.policy.model, cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train, cfg.train.steps * cfg.grpo.mu)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train, self.total_steps * cfg.grpo.mu)
         self.checkpointer = Checkpointer(self.run_dir, self.policy, self.optimizer, self.scheduler, self.sampler,
                                          self.skips, self.profiles, self.dist, keep=cfg.train.keep_checkpoints)
         self.step = self.checkpointer.restore(resume_from) if resume_from else 0
@@ -123,7 +127,9 @@ class Trainer:
         self.batches = BatchSource(self.records, self.sampler, self.profiles, self.policy.tokenizer, self.skips,
                                    self.dist, prompts_per_step=cfg.train.prompts_per_step, data_cfg=cfg.data,
                                    video_cfg=cfg.video, geometry=self._video_sample_kwargs,
-                                   records_file=cfg.data.train)
+                                   records_file=cfg.data.train, templates=self.templates,
+                                   max_positions=max_positions(self.policy.model),
+                                   new_tokens=cfg.rollout.max_new_tokens)
 
     @property
     def samples_skipped(self) -> int:
@@ -135,11 +141,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def train(self) -> list[dict]:
-        """``train.steps`` steps (``fastebm.train.loop.train_loop``): a checkpoint every
-        ``train.checkpoint_every`` steps and at the end; Ctrl-C finishes the step, saves and exits."""
+        """``total_steps`` steps (``train.steps``, or ``train.epochs`` over the records;
+        ``fastebm.train.loop.train_loop``): a checkpoint every ``train.checkpoint_every`` steps and at the
+        end; Ctrl-C finishes the step, saves and exits."""
         t = self.cfg.train
-        return train_loop(self, t.steps, t.checkpoint_every, Progress(t.steps, self.step, self.cfg.log.progress,
-                                                                      _describe))
+        return train_loop(self, self.total_steps, t.checkpoint_every,
+                          Progress(self.total_steps, self.step, self.cfg.log.progress, _describe))
 
     def close(self) -> None:
         """Stop the video decode threads and close the metrics writers."""
@@ -179,6 +186,15 @@ class Trainer:
                          lengths=lengths, truncated=truncated, prefix_tokens=prefix_tokens, update=stats, times=times,
                          samples_skipped=self.samples_skipped,
                          profiles_missing=int(self.dist.all_reduce_sum(sum(self.profiles.missing.values()))))
+        m["epoch"] = epoch_progress(self.sampler)
+        # Counters a reward keeps for its step (``step_counts``, e.g. PCG's over-length sequences), all ranks summed.
+        # A reward's keys are fixed when it is built, so every rank runs the same collectives.
+        for name, fn in self.rewards.items():
+            counts = getattr(fn, "step_counts", None) or {}
+            if counts:
+                totals = self.dist.all_reduce_sum(*counts.values())
+                for key, total in zip(counts, totals if isinstance(totals, list) else [totals]):
+                    m[f"reward/{name}_{key}"] = int(total)
         self.metrics.write(m)
         return m
 
@@ -190,7 +206,7 @@ class Trainer:
         """This rank's ``prompts_per_step / world_size`` prompts (whole groups), each clip decoded once
         and ahead of time; a bad video is skipped, recorded and replaced the same way on every rank,
         so the global batch is the 1-process batch (``fastebm.train.batches.BatchSource``)."""
-        return self.batches.next(prefetch_next=self.step + 1 < self.cfg.train.steps)
+        return self.batches.next(prefetch_next=self.step + 1 < self.total_steps)
 
     def rollout(self, batch: Batch) -> RolloutResult:
         """G completions per prompt: on the shared prefix (cascade attention) or the repeated path."""
