@@ -282,6 +282,9 @@ class TrainConfig:
     """Decay after warmup: cosine to ``min_lr_ratio * lr``, or constant."""
     warmup_steps: int = 0
     """Linear warmup from 0 over this many optimiser steps."""
+    warmup_ratio: float = 0.0
+    """Instead of ``warmup_steps`` when > 0: warm up over this fraction of the run's optimiser steps, rounded up
+    (as Hugging Face's ``warmup_ratio``; the released CoT-SFT stage: 0.1)."""
     min_lr_ratio: float = 0.0
     """Final learning rate of the cosine schedule as a fraction of ``lr``."""
     weight_decay: float = 0.0
@@ -546,6 +549,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     # Reproduction settings (issue 12): limits, epochs, the KL clamp, the std eps, the M-RoPE spacing.
     need(cfg.data.max_prompt_tokens >= 0, "data.max_prompt_tokens", "must be >= 0 (0: no limit)")
     need(r.pcg.max_tokens >= 0, "rewards.pcg.max_tokens", "must be >= 0 (0: no limit)")
+    need(0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1) (0: use train.warmup_steps)")
     need(math.isfinite(cfg.train.epochs) and cfg.train.epochs >= 0, "train.epochs", "must be >= 0 (0: use train.steps)")
     need(cfg.grpo.kl_clamp is None or (math.isfinite(cfg.grpo.kl_clamp) and cfg.grpo.kl_clamp > 0), "grpo.kl_clamp",
          "must be a number > 0 (or unset: no clamp)")

@@ -1,11 +1,13 @@
 """The ``fastebm`` command: one module per group of subcommands, each adding its own parsers.
 
-    fastebm train RECIPE [section.key=value ...] [--print-config] [--nproc-per-node N ...]
-    fastebm sft RECIPE [section.key=value ...] [--print-config] [--nproc-per-node N ...]
+    fastebm train RECIPE [section.key=value ...] [--print-config] [--check] [--nproc-per-node N ...]
+    fastebm sft RECIPE [section.key=value ...] [--print-config] [--check] [--nproc-per-node N ...]
     fastebm export CHECKPOINT_DIR OUT_DIR
     fastebm data sample OUT_DIR
     fastebm data check RECORDS [--video-root DIR]
     fastebm data precompute RECORDS [--video-root DIR] [--cache-dir DIR] [--config RECIPE]
+    fastebm data show-prompt RECIPE [--index N] [--sft] [section.key=value ...]
+    fastebm data profiles import SRC OUT.json [--records FILE ...]
 
 Errors a user can fix (a bad recipe, record, file or checkpoint) print one line naming the file and
 the field and exit non-zero; bugs keep their traceback.

@@ -1,8 +1,9 @@
 """``fastebm train`` (GRPO), ``fastebm sft`` (CoT-SFT) and ``fastebm export``.
 
 Both training commands take a recipe and ``section.key=value`` overrides, print the resolved config
-with ``--print-config``, and with ``--nproc-per-node N`` re-run themselves under
-``torch.distributed.run`` (N processes per node, ``--nnodes`` nodes).
+with ``--print-config``, check a launch without files or GPUs with ``--check`` (at the world size of
+``--nproc-per-node`` x ``--nnodes``; ``fastebm.cli.check``), and with ``--nproc-per-node N`` re-run
+themselves under ``torch.distributed.run`` (N processes per node, ``--nnodes`` nodes).
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ def _training_args(p) -> None:
     p.add_argument("recipe", help="TOML recipe, e.g. recipes/tiny.toml")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides (beat the recipe)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--check", action="store_true",
+                   help="validate the launch (config, batch layout for --nproc-per-node x --nnodes, templates) and "
+                        "list the local paths it needs as found / not found here; no files or GPU needed")
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="launch N processes on this node through torch.distributed.run (one per GPU)")
     p.add_argument("--nnodes", type=int, default=1, help="number of nodes (with --nproc-per-node)")
@@ -53,10 +57,18 @@ def _config(args):
     return cfg
 
 
+def _check(args, cfg, command: str) -> int:
+    from fastebm.cli.check import run_check
+
+    return run_check(cfg, args, command)
+
+
 def cmd_train(args) -> int:
     cfg = _config(args)
     if cfg is None:
         return 0
+    if args.check:
+        return _check(args, cfg, "train")
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
         return launch(args, cfg)
     from fastebm.train.trainer import Trainer
@@ -72,6 +84,8 @@ def cmd_sft(args) -> int:
     cfg = _config(args)
     if cfg is None:
         return 0
+    if args.check:
+        return _check(args, cfg, "sft")
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
         return launch(args, cfg)
     from fastebm.train.sft import SFTTrainer

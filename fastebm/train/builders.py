@@ -227,9 +227,11 @@ def lr_lambda(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
 
 def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig,
                     total_updates: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warmup then cosine / constant (``lr_lambda``) over ``total_updates`` optimiser steps."""
+    """Warmup then cosine / constant (``lr_lambda``) over ``total_updates`` optimiser steps; the warmup is
+    ``train.warmup_steps``, or ``ceil(train.warmup_ratio x total_updates)`` when the ratio is set."""
+    warmup = math.ceil(t.warmup_ratio * total_updates) if t.warmup_ratio > 0 else t.warmup_steps
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, total_updates, t.warmup_steps, t.lr_schedule, t.min_lr_ratio))
+        optimizer, lambda s: lr_lambda(s, total_updates, warmup, t.lr_schedule, t.min_lr_ratio))
 
 
 # ----------------------------------------------------------------------------------------------
