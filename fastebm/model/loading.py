@@ -46,7 +46,7 @@ def load_model(path: str, device: torch.device, dtype="auto", attn_implementatio
     (their values come later, from another rank: ``fastebm.train.parallel.parallelize``);
     ``device`` then only resolves ``"auto"``.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
     quiet_transformers()
     if not os.path.isdir(path):
@@ -68,6 +68,13 @@ def load_model(path: str, device: torch.device, dtype="auto", attn_implementatio
     model.train(trainable)
     if not trainable:
         model.requires_grad_(False)
+    return LoadedModel(model, load_tokenizer(path), family, path)
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of a local checkpoint, with a chat template (the processor's, else fastebm's)."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(path)
     if getattr(tokenizer, "chat_template", None) is None:
         try:  # released Qwen checkpoints keep the template with the processor
@@ -76,7 +83,7 @@ def load_model(path: str, device: torch.device, dtype="auto", attn_implementatio
             tokenizer.chat_template = AutoProcessor.from_pretrained(path).chat_template
         except Exception:
             tokenizer.chat_template = CHAT_TEMPLATE
-    return LoadedModel(model, tokenizer, family, path)
+    return tokenizer
 
 
 def resolve_model_path(cfg_model, seed: int = 0) -> str:
