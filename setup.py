@@ -22,6 +22,8 @@ setup(
     packages=packages + kernel_packages,
     package_dir={"fastebm.kernels": "kernels"},
     include_package_data=True,
+    # fastebm's own prompt templates (the [prompt] defaults) travel with the wheel.
+    package_data={"fastebm.data": ["templates/*.txt"]},
     install_requires=[
         # torch/torchvision: 2.14.1 / 0.29.1 install from the dev machines' local disk.
         "torch>=2.9,<2.15",

@@ -33,6 +33,7 @@ when asked (``include_atmosphere``).
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
 import json
 import os
@@ -147,9 +148,9 @@ class Profiles:
         return self.NEUTRAL if found is None else found
 
     def to_json(self) -> dict:
-        """The structured form of these profiles (what ``load`` reads back)."""
-        return {FORMAT_KEY: FORMAT_VERSION, "movies": self.table, "global": self.global_profiles,
-                "aliases": self.aliases}
+        """The structured form of these profiles (what ``load`` reads back): a copy, free to change."""
+        return copy.deepcopy({FORMAT_KEY: FORMAT_VERSION, "movies": self.table, "global": self.global_profiles,
+                              "aliases": self.aliases})
 
 
 def field_label(name: str) -> str:

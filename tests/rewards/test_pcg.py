@@ -119,3 +119,31 @@ def test_safeguard_drops_leaking_sentences(embedder, teacher, records, prompts):
     ctx_ids = tok("<vision>water</vision>\n", add_special_tokens=False)["input_ids"]
     expected = plain_loglik(teacher, prompts[0], ctx_ids, ans) - plain_loglik(teacher, prompts[0], [], ans)
     assert with_guard == pytest.approx(expected, abs=2e-4)
+
+
+def test_sequences_over_max_tokens_score_zero_and_are_counted(teacher, records, prompts):
+    """rewards.pcg.max_tokens: a sample whose teacher sequence (prompt + vision/think + answer) is longer
+    scores 0 and is counted in step_counts["over_length"]; the others keep their exact PCG."""
+    tok = teacher.tokenizer
+    G = 5
+    comps = comps_for(records[0].reference_answer) + comps_for(records[1].reference_answer)
+    inputs = inputs_for(records, prompts, G)
+    free = _reward(teacher)(comps, inputs)
+    lengths = {}
+    for i in (0, 1, 4, 5, 6, 9):  # the samples with a vision + think pair
+        p = i // G
+        v, t = vision_think_blocks(comps[i])
+        ctx = tok(f"{v}\n{t}\n", add_special_tokens=False)["input_ids"]
+        ans = tok(records[p].reference_answer, add_special_tokens=False)["input_ids"]
+        lengths[i] = len(prompts[p].ids) + len(ctx) + len(ans)
+    limit = sorted(lengths.values())[2]  # the three shortest fit (ties included)
+    cfg = RewardsConfig()
+    cfg.pcg.max_tokens = limit
+    fn = build_rewards(["pcg"], cfg, RewardContext(reference=teacher))["pcg"]
+    assert fn.step_counts == {"over_length": 0}  # the key exists before the first step (every rank reports it)
+    capped = fn(comps, inputs)
+    over = [i for i, n in lengths.items() if n > limit]
+    assert over and fn.step_counts == {"over_length": len(over)}
+    for i in range(len(comps)):
+        assert capped[i] == (0.0 if i in over else pytest.approx(free[i], abs=1e-6)), i
+    assert _reward(teacher).step_counts == {}  # no cap: nothing to report
