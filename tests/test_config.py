@@ -1,5 +1,6 @@
 """Config: precedence, validation errors that name key, file and expectation; every recipe loads."""
 import dataclasses
+import re
 import glob
 import os
 
@@ -131,3 +132,39 @@ def test_round_trip_through_written_toml(tmp_path):
     p = tmp_path / "config.toml"
     p.write_text(to_toml(cfg))
     assert load_config(str(p)) == cfg
+
+
+def test_reproduction_settings_are_checked_and_the_renamed_key_named():
+    base = ["model.tiny=qwen2vl"]
+    with pytest.raises(ConfigError, match=r"'rewards.eps' was renamed: use rewards.std_eps = 1e-06"):
+        load_config(None, base + ["rewards.eps=1e-6"])
+    assert load_config(None, base + ["rewards.std_eps=1e-6"]).rewards.std_eps == 1e-6
+    for override, key in (("data.max_prompt_tokens=-1", "data.max_prompt_tokens"), ("train.epochs=-1", "train.epochs"),
+                          ("grpo.kl_clamp=0.0", "grpo.kl_clamp"), ("rewards.std_eps=-1e-6", "rewards.std_eps"),
+                          ("video.second_per_grid=-1.0", "video.second_per_grid"), ("rollout.top_k=-5", "rollout.top_k"),
+                          ("rewards.pcg.max_tokens=-3", "rewards.pcg.max_tokens"),
+                          ("train.warmup_ratio=1.0", "train.warmup_ratio")):
+        with pytest.raises(ConfigError, match=rf": {re.escape(key)}: must be"):
+            load_config(None, base + [override])
+    cfg = load_config(None, base + ["grpo.kl_clamp=10", "train.epochs=1", "prompt.system_file=/x/s.txt"])
+    assert cfg.grpo.kl_clamp == 10.0 and cfg.train.epochs == 1.0 and cfg.prompt.system_file == "/x/s.txt"
+
+
+def test_epochs_and_warmup_ratio_set_the_schedule():
+    import torch
+
+    from fastebm.config import TrainConfig
+    from fastebm.train.builders import build_scheduler, lr_lambda, total_steps
+
+    assert total_steps(TrainConfig(steps=100), 37) == 100                          # epochs unset: train.steps
+    assert total_steps(TrainConfig(steps=100, epochs=1.0, prompts_per_step=7), 37) == 6   # ceil(37 / 7)
+    assert total_steps(TrainConfig(epochs=4.0, prompts_per_step=8), 37) == 19              # ceil(148 / 8)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, TrainConfig(lr=1.0, warmup_ratio=0.1, warmup_steps=99), 25)  # warmup ceil(2.5) = 3
+    lrs = []
+    for _ in range(25):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([lr_lambda(s, 25, 3, "cosine", 0.0) for s in range(25)])
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])

@@ -10,6 +10,7 @@ import logging
 import os
 
 import pytest
+import torch
 
 from fastebm.config import load_config
 
@@ -111,3 +112,36 @@ def test_sft_and_grpo_build_the_prompt_show_prompt_prints(data, tmp_path, capsys
         assert shown[:start] + VIDEO_PAD * video.num_video_tokens + shown[end:] == text  # exactly what trains
     sft.close()
     grpo.close()
+
+
+def test_fixed_temporal_spacing_reaches_the_positions(tmp_path):
+    """video.second_per_grid = 1.0 (the released run) replaces the measured spacing in the prompt's video,
+    so Qwen2.5-VL's M-RoPE time positions change; 0 keeps the measured one."""
+    from fastebm.config import DataConfig, VideoConfig
+    from fastebm.data.records import Profiles, RecordSampler, parse_record
+    from fastebm.data.sample import make_records
+    from fastebm.model.prefix import prefix_positions
+    from fastebm.train.batches import BatchSource
+    from fastebm.train.builders import SkipRecorder, video_geometry
+    from fastebm.train.parallel import Dist
+
+    from helpers import clip_sample, tiny_model
+
+    lm = tiny_model("qwen25vl", str(tmp_path / "models"))
+    geometry = video_geometry(lm.model)
+    # 10 s at 8 fps, at most 8 frames: sampled at 0.8 fps, so 2.5 s per temporal patch when measured
+    video = clip_sample(str(tmp_path / "long.webm"), num_frames=80, fps=8.0, geometry=geometry)
+    assert video.second_per_grid_ts == pytest.approx(2.5, rel=0.05)
+    rec = parse_record(make_records(1)[0], "sample.json", 0)
+    out = {}
+    for spacing in (0.0, 1.0):
+        source = BatchSource([rec], RecordSampler(1, 0), Profiles(), lm.tokenizer, SkipRecorder(str(tmp_path), Dist(),
+                             lambda: 0), Dist(), prompts_per_step=1, data_cfg=DataConfig(),
+                             video_cfg=VideoConfig(second_per_grid=spacing, num_workers=0), geometry=geometry,
+                             records_file="sample.json")
+        prompt = source._prompt(rec, video)
+        source.close()
+        out[spacing] = (prompt.video.second_per_grid_ts, prefix_positions(lm.model, prompt, "cpu")[0])
+    assert out[0.0][0] == video.second_per_grid_ts and out[1.0][0] == 1.0
+    t_measured, t_fixed = out[0.0][1][0], out[1.0][1][0]  # the time axis of the M-RoPE positions
+    assert not torch.equal(t_measured, t_fixed) and torch.equal(out[0.0][1][1:], out[1.0][1][1:])
