@@ -75,7 +75,7 @@ def cmd_train(args) -> int:
 
     setup_logging(os.path.expanduser(cfg.run.output_dir))
     trainer = Trainer(cfg)
-    log.info("training %s for %d steps -> %s", cfg.model.path or f"tiny {cfg.model.tiny}", cfg.train.steps,
+    log.info("training %s for %d steps -> %s", cfg.model.path or f"tiny {cfg.model.tiny}", trainer.total_steps,
              trainer.run_dir)
     return _run(trainer, cfg)
 

@@ -1,7 +1,7 @@
 """The training loop every trainer runs: steps, periodic checkpoints, Ctrl-C, the progress bar.
 
-    history = train_loop(trainer, cfg.train.steps, cfg.train.checkpoint_every,
-                         Progress(cfg.train.steps, trainer.step, cfg.log.progress, describe))
+    history = train_loop(trainer, trainer.total_steps, cfg.train.checkpoint_every,   # train.steps or train.epochs
+                         Progress(trainer.total_steps, trainer.step, cfg.log.progress, describe))
 
 ``trainer`` is anything with ``step`` (steps done), ``train_step() -> metrics``, ``save()``,
 ``dist`` (``fastebm.train.parallel.Dist``) and ``close()``: the GRPO ``Trainer`` and the
