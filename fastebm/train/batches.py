@@ -93,8 +93,8 @@ class BatchSource:
                 need.append(len(rank_skips))
             failures += sum(need)
             if failures >= len(self.records):
-                raise DataError(f"{self.records_file}: {failures} videos failed in one batch; "
-                                f"see {self.skips.path}")
+                raise DataError(f"{self.records_file}: {failures} samples failed in one batch (bad videos or "
+                                f"prompts over data.max_prompt_tokens); see {self.skips.path}")
         if prefetch_next:  # the next batch's clips decode while this step runs
             upcoming = self.sampler.peek(self.per_rank * d.world_size)[d.rank * self.per_rank:
                                                                       (d.rank + 1) * self.per_rank]
