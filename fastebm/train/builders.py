@@ -176,8 +176,9 @@ def build_policy(mcfg: ModelConfig, pcfg: ParallelConfig, env: RunEnv, resume_fr
 
 
 def build_reference(mcfg: ModelConfig, pcfg: ParallelConfig, env: RunEnv) -> LoadedModel:
-    """The frozen reference / PCG teacher: always the *initial* weights (or ``model.reference_path``),
-    also when resuming. Sharded like the policy, eval mode, no grads."""
+    """The frozen reference (the KL target, and the teacher of rewards that use the teacher protocol):
+    always the *initial* weights (or ``model.reference_path``), also when resuming. Sharded like the
+    policy, eval mode, no grads."""
     return load_parallel_model(os.path.expanduser(mcfg.reference_path) or env.model_path, env.device, mcfg.dtype,
                                mcfg.attn_implementation, pcfg, env.dist, trainable=False)
 

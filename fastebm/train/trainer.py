@@ -187,7 +187,7 @@ class Trainer:
                          samples_skipped=self.samples_skipped,
                          profiles_missing=int(self.dist.all_reduce_sum(sum(self.profiles.missing.values()))))
         m["epoch"] = epoch_progress(self.sampler)
-        # Counters a reward keeps for its step (``step_counts``, e.g. PCG's over-length sequences), all ranks summed.
+        # Counters a reward keeps for its step (``step_counts``, e.g. sequences over a length limit), all ranks summed.
         # A reward's keys are fixed when it is built, so every rank runs the same collectives.
         for name, fn in self.rewards.items():
             counts = getattr(fn, "step_counts", None) or {}
