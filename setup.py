@@ -22,6 +22,7 @@ setup(
     packages=packages + kernel_packages,
     package_dir={"fastebm.kernels": "kernels"},
     include_package_data=True,
+    package_data={"fastebm.eval": ["templates/*.txt"]},  # the evaluation prompts and judge templates
     install_requires=[
         # torch/torchvision: 2.14.1 / 0.29.1 install from the dev machines' local disk.
         "torch>=2.9,<2.15",
@@ -40,6 +41,7 @@ setup(
         "tomli-w>=1.0",
         "tomli>=2.0; python_version<'3.11'",
         "pillow>=10",
+        "matplotlib>=3.7",  # the run report's plots (fastebm report; fastebm train writes them at the end)
     ],
     extras_require={
         "dev": [
@@ -52,7 +54,10 @@ setup(
             "rouge-score>=0.1.2",  # the reference the ROUGE-L accuracy fallback is tested against
             "tensorboard>=2.16",  # log.tensorboard is tested
             "import-linter>=2.1",  # the layering contracts in .importlinter (tests/test_layers.py)
+            "openai>=1.40",  # the judge client (fastebm eval judge / pairwise) is tested against a local server
+            "scipy>=1.10",  # the pairwise sign test
         ],
+        "eval": ["openai>=1.40", "scipy>=1.10"],  # fastebm eval judge / pairwise
         "video": ["nvidia-dali-cuda130>=2.4,<2.5"],
         "gpu": ["flash-attn>=2.7"],
         "tensorboard": ["tensorboard>=2.16"],
