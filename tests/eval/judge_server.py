@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional
 
@@ -13,12 +14,14 @@ class JudgeServer:
     """``with JudgeServer(reply) as s: s.url``; ``reply(request_body, n) -> str`` gives the message
     content of the n-th completed request (0-based). ``fail``: HTTP statuses to answer first, in
     order, before any reply (e.g. [429, 503]); ``retry_after``: the Retry-After header sent with them.
-    Every request is kept in ``requests`` (headers and body)."""
+    Every request is kept in ``requests`` (path, lower-cased headers, body)."""
 
-    def __init__(self, reply: Callable[[dict, int], str], fail: Optional[list[int]] = None, retry_after: str = "0"):
-        self.reply, self.fail, self.retry_after = reply, list(fail or []), retry_after
+    def __init__(self, reply: Callable[[dict, int], str], fail: Optional[list[int]] = None, retry_after: str = "0",
+                 delay: float = 0.0):
+        self.reply, self.fail, self.retry_after, self.delay = reply, list(fail or []), retry_after, delay
         self.requests: list[dict] = []
         self.completed = 0
+        self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         server = self
 
@@ -29,11 +32,23 @@ class JudgeServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
-                    server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    server.requests.append({"path": self.path, "body": body,
+                                            "headers": {k.lower(): v for k, v in self.headers.items()}})
                     status = server.fail.pop(0) if server.fail else 200
                     n = server.completed
                     if status == 200:
                         server.completed += 1
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    if server.delay:
+                        time.sleep(server.delay)  # lets concurrent requests overlap, to count them
+                    self._answer(status, body, n)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _answer(self, status, body, n):
                 if not self.path.endswith("/chat/completions"):
                     return self._send(404, {"error": {"message": "not found"}})
                 if status != 200:
