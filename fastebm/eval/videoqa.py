@@ -32,7 +32,8 @@ thirds), all at the recipe's ``[video]`` pixel bounds. Decoding greedy, up to 10
 Scoring: exact match of the ``<answer>…</answer>`` text (stripped) with the option index (NExT-QA,
 PororoQA) or with yes/no, both lower-cased (ActivityNet-QA; without an answer block, the last
 yes/no word of the output, as the release). No answer block: wrong. ``DIR/predictions.jsonl``
-(``qid, pred, answer, correct, type``, the output and token counts; resumable like ``generate``)
+(``qid, pred, answer, correct, type``, the frames seen, the output and token counts; resumable like
+``generate``)
 and ``DIR/metrics.json`` (``accuracy``, ``correct``, ``n``, ``ci95`` (bootstrap), ``by_type``,
 ``no_answer``, ``skipped``), always recomputed from the whole predictions file.
 """
@@ -373,7 +374,9 @@ def run_videoqa(cfg: Config, *, bench: str, annotations: str, video_root: str, o
         it: QAItem = g.data
         pred, ok = score(bench, text, it.answer, tags[2])
         return {"qid": it.qid, "pred": pred, "answer": it.answer, "correct": ok, "type": it.type, "bench": bench,
-                "question": it.question, "video": list(it.videos), "raw_output": text, "prompt_mode": mode, **numbers}
+                "question": it.question, "video": list(it.videos), "frames": int(video.meta.num_frames
+                if bench == "pororoqa" else len(video.meta.frame_indices)), "raw_output": text, "prompt_mode": mode,
+                **numbers}
 
     os.makedirs(out_dir, exist_ok=True)
     preds = os.path.join(out_dir, "predictions.jsonl")
