@@ -168,25 +168,31 @@ def cmd_auto(args) -> int:
     return 0
 
 
-def _asker(args):
+def _check_judge_args(args) -> None:
+    """Before anything is loaded: exactly one judge."""
     from fastebm.config import ConfigError
+
+    if bool(args.judge_local) == bool(args.judge_url and args.judge_model) or (args.judge_local and args.judge_url):
+        raise ConfigError("command line: give --judge-url and --judge-model (an OpenAI-compatible server) "
+                          "or --judge-local PATH (a local model), one of the two")
+
+
+def _asker(args):
     from fastebm.eval.judge_client import Asker, JudgeCache, LocalJudge, OpenAIJudge
 
     if args.judge_local:
         judge = LocalJudge(args.judge_local, device=args.device, max_new_tokens=args.max_tokens or 512)
         info = {"kind": "local", "path": os.path.abspath(os.path.expanduser(args.judge_local))}
-    elif args.judge_url and args.judge_model:
+    else:
         judge = OpenAIJudge(args.judge_url, args.judge_model, max_tokens=args.max_tokens or 4096,
                             timeout_s=args.timeout, max_retries=args.max_retries)
         info = {"kind": "openai", "url": args.judge_url, "model": args.judge_model}
-    else:
-        raise ConfigError("command line: give --judge-url and --judge-model (an OpenAI-compatible server) "
-                          "or --judge-local PATH")
     cache = JudgeCache(args.cache_dir or os.path.join(args.out, "judge_cache"))
     return Asker(judge, cache, max_reasks=args.max_reasks, template_dir=args.templates), info
 
 
 def cmd_judge(args) -> int:
+    _check_judge_args(args)
     from fastebm.cli import setup_logging
     from fastebm.eval.judge import judge_absolute, load_model_preds
 
@@ -203,6 +209,7 @@ def cmd_judge(args) -> int:
 
 
 def cmd_pairwise(args) -> int:
+    _check_judge_args(args)
     from fastebm.cli import setup_logging
     from fastebm.eval.judge import judge_pairwise, load_model_preds
 

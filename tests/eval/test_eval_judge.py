@@ -222,3 +222,16 @@ def test_model_names(files):
     with pytest.raises(Exception, match="used twice"):
         load_model_preds([files["alpha"], files["alpha"]])
     assert os.path.basename(models[0].path) == "alpha.jsonl"
+
+
+def test_the_cli_needs_exactly_one_judge(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    for extra in ([], ["--judge-url", "http://127.0.0.1:9/v1"], ["--judge-local", "m", "--judge-url", "u",
+                                                                  "--judge-model", "x"]):
+        res = subprocess.run([sys.executable, "-m", "fastebm.cli", "eval", "judge", "p.jsonl", "--out",
+                              str(tmp_path), *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and "give --judge-url and --judge-model" in res.stderr, extra
