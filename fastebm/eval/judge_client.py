@@ -44,7 +44,11 @@ API_KEY_ENV = "FASTEBM_JUDGE_API_KEY"
 
 
 class JudgeError(RuntimeError):
-    """The judge cannot be used (a non-retryable HTTP error, retries exhausted, a bad local model)."""
+    """The judge cannot be used (a non-retryable HTTP error, a bad local model): the command stops."""
+
+
+class JudgeUnavailable(JudgeError):
+    """HTTP 429 / 5xx / connection errors past every retry: this question fails, the run goes on."""
 
 
 @dataclass
@@ -159,7 +163,7 @@ class OpenAIJudge:
                     raise JudgeError(f"judge at {self.base_url}: HTTP {status}: {type(e).__name__}: "
                                      f"{str(e)[:300]}") from None
                 if attempt == self.max_retries:
-                    raise JudgeError(f"judge at {self.base_url}: still failing after {self.max_retries} retries: "
+                    raise JudgeUnavailable(f"judge at {self.base_url}: still failing after {self.max_retries} retries: "
                                      f"{type(e).__name__}") from None
                 stats.add(http_retries=1)
                 delay = self._delay(attempt, e)
@@ -210,9 +214,11 @@ class LocalJudge:
     def _video(self, parts: Sequence[dict]):
         from fastebm.data.video import VideoMeta, build_sample, resize_frames, smart_resize
 
-        frames = _decode_images(parts)                                     # (T, H, W, 3)
-        if frames.shape[0] % 2:
-            frames = torch_cat_last(frames)
+        import torch
+
+        frames = _decode_images(parts)                                     # (T, H, W, 3) uint8
+        if frames.shape[0] % 2:  # Qwen's temporal patch is 2 frames
+            frames = torch.cat([frames, frames[-1:]])
         T, H, W = frames.shape[:3]
         g, c = self.geometry, self.video_cfg
         h, w = smart_resize(H, W, factor=g["patch_size"] * g["merge_size"], min_pixels=c.min_pixels,
@@ -249,13 +255,6 @@ class LocalJudge:
             ids = encode_prompt(self.lm.tokenizer, chat, video.num_video_tokens)
             cfg = RolloutConfig(group_size=1, temperature=0.0, max_new_tokens=self.max_new_tokens)
             return shared_prefix_rollout(self.lm.model, self.lm.tokenizer, [Prompt(ids, video)], cfg, seeds=[0]).texts[0]
-
-
-def torch_cat_last(frames):
-    """Frames with the last one repeated once (an even count for Qwen's temporal patch of 2)."""
-    import torch
-
-    return torch.cat([frames, frames[-1:]])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,9 +303,7 @@ class Asker:
         for attempt in range(self.max_reasks + 1):
             try:
                 text = self.reply(convo)
-            except JudgeError as e:
-                if "still failing" not in str(e):
-                    raise
+            except JudgeUnavailable as e:
                 log.warning("%s", e)
                 missing = [k for k in required if k not in merged]
                 self.stats.add(http_failures=1, failures=len(missing))
