@@ -28,6 +28,7 @@ def test_wheel_maps_kernels_under_fastebm(tmp_path):
     (whl,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
     names = zipfile.ZipFile(tmp_path / whl).namelist()
     assert "fastebm/kernels/__init__.py" in names
+    assert "fastebm/eval/templates/judge_absolute.txt" in names  # the evaluation templates ship as files
     assert not any(n.startswith("kernels/") for n in names)
     assert any(n.endswith("entry_points.txt") for n in names)
     ep = [n for n in names if n.endswith("entry_points.txt")][0]

@@ -32,7 +32,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 
@@ -165,7 +165,8 @@ def done_ids(path: str, key: str = "id") -> set[str]:
             try:
                 ids.add(str(json.loads(line)[key]))
             except (ValueError, KeyError, TypeError):
-                raise DataError(f"{path}: line {n}: not an output line with {key!r} (is this the right file?)") from None
+                raise DataError(f"{path}: line {n}: not an output line with {key!r} "
+                                "(is this the right file?)") from None
     return ids
 
 
@@ -190,10 +191,10 @@ class PrefetchSource:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_generation(items: Sequence[GenItem], *, model: LoadedModel, source, build_prompt: Callable[[GenItem, VideoSample], list[int]],
-                   make_row: Callable[..., dict], sampling: Sampling, shared_prefix: bool, batch_size: int,
-                   out_path: str, skipped_path: str, desc: str = "generate", progress: bool = True,
-                   id_key: str = "id") -> GenerationStats:
+def run_generation(items: Sequence[GenItem], *, model: LoadedModel, source,
+                   build_prompt: Callable[[GenItem, VideoSample], list[int]], make_row: Callable[..., dict],
+                   sampling: Sampling, shared_prefix: bool, batch_size: int, out_path: str, skipped_path: str,
+                   desc: str = "generate", progress: bool = True, id_key: str = "id") -> GenerationStats:
     """Generate for every item whose id (the rows' ``id_key`` field) is not in ``out_path`` yet;
     append one row per item.
 

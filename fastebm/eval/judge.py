@@ -107,14 +107,16 @@ def context_values(row: dict) -> dict:
     dialogue = "\n".join(f"{t.get('speaker', '?')}: {t.get('utterance', '')}" for t in rec.get("dialogue", []))
     return dict(assistant=rec.get("assistant", "the character"), user=rec.get("user", "the other character"),
                 data_source=rec.get("data_source", "an unknown film"),
-                assistant_profile=prof.get("assistant") or "(no profile)", user_profile=prof.get("user") or "(no profile)",
+                assistant_profile=prof.get("assistant") or "(no profile)",
+                user_profile=prof.get("user") or "(no profile)",
                 dialogue=dialogue or "(the scene opens)", reference=(rec.get("target") or {}).get("utterance", ""))
 
 
 def judge_messages(system: str, text: str, frames: Sequence[str]) -> list[dict]:
     """The request: the system text, then one user turn with the frames (image parts) and the text."""
     parts = [{"type": "image_url", "image_url": {"url": u}} for u in frames]
-    return [{"role": "system", "content": system}, {"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
 
 
 def _run(jobs, fn, concurrency: int, desc: str, progress: bool) -> list:

@@ -254,7 +254,8 @@ class LocalJudge:
             video = self._video(images)
             ids = encode_prompt(self.lm.tokenizer, chat, video.num_video_tokens)
             cfg = RolloutConfig(group_size=1, temperature=0.0, max_new_tokens=self.max_new_tokens)
-            return shared_prefix_rollout(self.lm.model, self.lm.tokenizer, [Prompt(ids, video)], cfg, seeds=[0]).texts[0]
+            res = shared_prefix_rollout(self.lm.model, self.lm.tokenizer, [Prompt(ids, video)], cfg, seeds=[0])
+            return res.texts[0]
 
 
 # ----------------------------------------------------------------------------------------------

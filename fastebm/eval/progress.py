@@ -20,8 +20,9 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
-            self.bar = RichProgress(TextColumn(desc), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+            self.bar = RichProgress(TextColumn(desc), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                    TimeRemainingColumn())
             self.task = self.bar.add_task(desc, total=total, info="")
             self.bar.start()
 

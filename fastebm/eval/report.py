@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 
 PHASES = ("time/rollout_s", "time/score_s", "time/update_s", "time/step_s")
 CURVES = [("reward/total", "total reward"), ("kl", "KL to the reference"), ("loss", "loss"),
-          ("completion/mean_len", "completion length (tokens)"), ("lr", "learning rate"), ("grad_norm", "gradient norm")]
+          ("completion/mean_len", "completion length (tokens)"), ("lr", "learning rate"),
+          ("grad_norm", "gradient norm")]
 EVAL_FILES = ("metrics.json", "judge.json", "pairwise.json")
 _SUFFIXES = ("_std", "_errors")
 
@@ -164,11 +165,13 @@ def eval_tables(path: str, c: dict) -> str:
     if kind == "videoqa":
         rows = [["all", c["accuracy"], c.get("ci95"), c["correct"], c["n"]]]
         rows += [[t, v["accuracy"], None, v["correct"], v["n"]] for t, v in c.get("by_type", {}).items()]
-        return title + f"<p>{html.escape(c['bench'])}</p>" + _table(["type", "accuracy", "95% CI", "correct", "n"], rows)
+        head = ["type", "accuracy", "95% CI", "correct", "n"]
+        return title + f"<p>{html.escape(c['bench'])}</p>" + _table(head, rows)
     if kind == "absolute":
         metrics = c.get("metrics", [])
         rows = [[name, *[f"{m[k]['mean']:.2f}" if m[k]["mean"] is not None else None for k in metrics],
-                 *[m[k]["ci95"] for k in metrics], m.get("samples"), m.get("failed")] for name, m in c["models"].items()]
+                 *[m[k]["ci95"] for k in metrics], m.get("samples"), m.get("failed")]
+                for name, m in c["models"].items()]
         return title + _table(["model", *metrics, *[f"{k} 95% CI" for k in metrics], "samples", "failed"], rows)
     s = c["metrics"]
     rows = [[k, v["win"], v["loss"], v["tie"], v["errors"], v["net_win_rate"], v["decisive_win_rate"], v["p_value"]]

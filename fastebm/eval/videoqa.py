@@ -1,7 +1,8 @@
 """``fastebm eval videoqa``: zero-shot VideoQA on NExT-QA, ActivityNet-QA (yes/no) and PororoQA.
 
     fastebm eval videoqa RECIPE --bench nextqa|activitynet|pororoqa --annotations FILE --video-root DIR --out DIR
-                         [--checkpoint DIR] [--answers FILE] [--video-map FILE] [--limit N] [--prompt-mode ebm|cot|vanilla]
+                         [--checkpoint DIR] [--answers FILE] [--video-map FILE] [--limit N]
+                         [--prompt-mode ebm|cot|vanilla] [--frames N] [--max-new-tokens N]
 
 Readers take each benchmark's public annotation files:
 
@@ -53,7 +54,8 @@ import torch
 
 from fastebm.config import Config
 from fastebm.data import DataError
-from fastebm.data.video import VideoError, VideoMeta, build_sample, clip_resize_crop, decode, resize_frames, smart_resize
+from fastebm.data.video import (VideoError, VideoMeta, build_sample, clip_resize_crop, decode, resize_frames,
+                                smart_resize)
 from fastebm.eval.extract import strict_answer
 from fastebm.eval.generate import (GenItem, PrefetchSource, Sampling, read_jsonl, resolve_device, run_generation,
                                    video_geometry)
@@ -235,7 +237,8 @@ def read_pororoqa(path: str, video_root: str, video_map: Optional[dict] = None) 
         if not opts:
             raise DataError(f"{path}: item {i}: no options answer0..answer4")
         if not str(q["correct_idx"]).isdigit():
-            raise DataError(f"{path}: item {i}: field 'correct_idx': expected an option index, got {q['correct_idx']!r}")
+            raise DataError(f"{path}: item {i}: field 'correct_idx': expected an option index, "
+                            f"got {q['correct_idx']!r}")
         name = str(q["video_name"])
         items.append(QAItem(str(q["qid"]), str(q["question"]).strip(), opts, str(int(q["correct_idx"])), None, name,
                             _mapped(video_map, name, video_root)

@@ -31,7 +31,8 @@ def tiny_cfg(model_dir, sample):
     from fastebm.config import load_config
 
     def make(*overrides):
-        return load_config(TINY, [f"model.tiny_cache_dir={model_dir}", f"data.sample_dir={os.path.dirname(sample['train'])}",
+        return load_config(TINY, [f"model.tiny_cache_dir={model_dir}",
+                                  f"data.sample_dir={os.path.dirname(sample['train'])}",
                                   f"data.profiles={sample['profiles']}", "eval.max_new_tokens=12",
                                   "eval.batch_size=3", *overrides])
     return make

@@ -20,7 +20,8 @@ from fastebm.rewards import RewardContext, RewardInputs, build_rewards
 from fastebm.rewards.format import format_reward
 
 OUTPUTS = [
-    "<vision>a red shape drifts across a dark room</vision>\n<think>someone waits</think>\n<answer>Stay behind me.</answer>",
+    "<vision>a red shape drifts across a dark room</vision>\n<think>someone waits</think>\n"
+    "<answer>Stay behind me.</answer>",
     "<vision>two shapes circle</vision> <think>a standoff</think> <answer>We wait for the second signal",
     "I kept my promise, I brought the lantern.",
     "<vision>a green shape</vision><think>hurry</think><answer>Light the lamp and wait.</answer>",

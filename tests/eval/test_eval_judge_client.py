@@ -1,7 +1,6 @@
 """The judge client against a real OpenAI-compatible HTTP server on 127.0.0.1: 429 / 5xx retried with
 backoff, other errors stop, replies that break the contract asked again then counted as failures,
 entries merged across re-asks, every reply cached by request hash, the key sent and never written."""
-import json
 import os
 
 import pytest

@@ -26,7 +26,8 @@ def write_run(run):
         rewards = {n: [0.1 * step + i * 0.01 + k for i in range(4)] for k, n in enumerate(REWARDS)}
         m = step_metrics(step, rewards=rewards, weights={n: 1.0 for n in REWARDS}, group_size=2, reward_errors={},
                          advantages=[0.1, -0.1, 0.2, -0.2], lengths=[10 + step, 12, 9, 11], truncated=[False] * 4,
-                         prefix_tokens=400, update={"loss": 1.0 / step, "kl": 0.01 * step, "lr": 1e-6, "grad_norm": 0.5},
+                         prefix_tokens=400,
+                         update={"loss": 1.0 / step, "kl": 0.01 * step, "lr": 1e-6, "grad_norm": 0.5},
                          times={"time/rollout_s": 1.0, "time/score_s": 0.5, "time/update_s": 0.7, "time/step_s": 2.3},
                          samples_skipped=0, profiles_missing=0)
         if step == 3:
