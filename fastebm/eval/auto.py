@@ -79,7 +79,7 @@ def summarize(values: dict[str, list[Optional[float]]], answers: list[str]) -> d
 def auto_metrics(cfg: Config, preds_path: str, out_dir: str, *, teacher_path: str = "",
                  progress: bool = True) -> dict:
     """``fastebm eval auto`` (see the module docstring); returns what ``metrics.json`` holds."""
-    rows = load_predictions(preds_path)
+    rows = load_predictions(preds_path, need=("id", "raw_output", "record", "video"))
     if not rows:
         raise ValueError(f"{preds_path}: no predictions")
     records = [parse_record(row["record"], preds_path, i) for i, row in enumerate(rows)]

@@ -123,13 +123,14 @@ def _run(jobs, fn, concurrency: int, desc: str, progress: bool) -> list:
     """``fn(job)`` for every job on ``concurrency`` threads; results in job order."""
     bar = Progress(len(jobs), desc, progress)
     results = [None] * len(jobs)
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
     try:
-        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            futures = [pool.submit(fn, j) for j in jobs]
-            for i, fut in enumerate(futures):
-                results[i] = fut.result()
-                bar.advance(1)
+        futures = [pool.submit(fn, j) for j in jobs]
+        for i, fut in enumerate(futures):
+            results[i] = fut.result()  # a JudgeError (e.g. a wrong key) stops the run here
+            bar.advance(1)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # the questions not started yet are dropped
         bar.close()
     return results
 
@@ -312,8 +313,6 @@ def judge_pairwise(anchor: ModelPreds, opponent: ModelPreds, asker: Asker, out_d
                    seed: int = 42, frames: Optional[FrameCache] = None, concurrency: int = 8, template_dir: str = "",
                    progress: bool = True, judge_info: Optional[dict] = None) -> dict:
     """``fastebm eval pairwise``: see the module docstring. Writes ``pairwise.json`` and ``pairwise_samples.jsonl``."""
-    if anchor.name == opponent.name:
-        opponent = ModelPreds(opponent.name + "_2", opponent.path, opponent.rows)
     frames = frames or FrameCache()
     ids = select_samples([anchor, opponent], samples, seed)
     system = render_template("judge_system.txt", {}, template_dir)

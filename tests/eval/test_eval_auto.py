@@ -42,6 +42,7 @@ def crafted(preds, tmp_path_factory):
     return str(path), rows
 
 
+@pytest.mark.slow
 def test_auto_metrics_equal_the_rewards_called_directly(crafted, tiny_cfg, tmp_path):
     path, rows = crafted
     cfg = tiny_cfg()

@@ -59,6 +59,7 @@ def test_outputs_do_not_depend_on_batch_size_or_resume(preds, tiny_cfg, policy_p
     assert [b[k]["raw_output"] for k in b] == [a[k]["raw_output"] for k in a]
 
 
+@pytest.mark.slow
 def test_greedy_is_the_same_on_the_shared_prefix_and_hf_generate(tiny_cfg, policy_path, sample, tmp_path):
     outs = []
     for sp in ("true", "false"):
@@ -69,6 +70,7 @@ def test_greedy_is_the_same_on_the_shared_prefix_and_hf_generate(tiny_cfg, polic
     assert outs[0] == outs[1]
 
 
+@pytest.mark.slow
 def test_an_interrupted_last_line_is_generated_again(preds, tiny_cfg, policy_path, sample, tmp_path):
     out = str(tmp_path / "cut.jsonl")
     shutil.copy(preds, out)
