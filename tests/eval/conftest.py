@@ -9,8 +9,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)                    # judge_server
 sys.path.insert(0, os.path.dirname(HERE))   # tests/helpers.py
 
-ROOT = os.path.dirname(os.path.dirname(HERE))
-TINY = os.path.join(ROOT, "recipes", "tiny.toml")
+from evalpaths import TINY  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from fastebm.data.synth import write_synthetic_clip
 from fastebm.eval.judge import CRITERIA
 from fastebm.eval.generate import read_jsonl
 
-from conftest import ROOT, TINY
+from evalpaths import ROOT, TINY
 from judge_server import JudgeServer, text_of
 
 pytestmark = pytest.mark.slow

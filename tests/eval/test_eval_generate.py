@@ -13,7 +13,7 @@ from fastebm.data.synth import write_bad_video
 from fastebm.eval.extract import lenient_answer
 from fastebm.eval.generate import Sampling, generate_predictions, read_jsonl, skipped_path_for
 
-from conftest import TINY
+from evalpaths import TINY
 
 
 def rows_by_id(path):

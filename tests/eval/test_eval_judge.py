@@ -228,7 +228,7 @@ def test_the_cli_needs_exactly_one_judge(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from evalpaths import ROOT
 
     for extra in ([], ["--judge-url", "http://127.0.0.1:9/v1"], ["--judge-local", "m", "--judge-url", "u",
                                                                   "--judge-model", "x"]):

@@ -14,7 +14,7 @@ from fastebm.eval.report import find_eval_results, write_report
 from fastebm.eval.videoqa import videoqa_metrics
 from fastebm.train.metrics import MetricsWriter, step_metrics
 
-from conftest import ROOT
+from evalpaths import ROOT
 
 REWARDS = ["format", "accuracy", "clip", "pcg"]
 
