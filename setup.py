@@ -22,8 +22,9 @@ setup(
     packages=packages + kernel_packages,
     package_dir={"fastebm.kernels": "kernels"},
     include_package_data=True,
-    # fastebm's own prompt templates (the [prompt] defaults) travel with the wheel.
-    package_data={"fastebm.data": ["templates/*.txt"]},
+    # Package data: fastebm's own prompt templates (the [prompt] defaults) and the evaluation prompts and judge
+    # templates travel with the wheel.
+    package_data={"fastebm.data": ["templates/*.txt"], "fastebm.eval": ["templates/*.txt"]},
     install_requires=[
         # torch/torchvision: 2.14.1 / 0.29.1 install from the dev machines' local disk.
         "torch>=2.9,<2.15",
@@ -42,6 +43,7 @@ setup(
         "tomli-w>=1.0",
         "tomli>=2.0; python_version<'3.11'",
         "pillow>=10",
+        "matplotlib>=3.7",  # the run report's plots (fastebm report; fastebm train writes them at the end)
     ],
     extras_require={
         "dev": [
@@ -54,7 +56,10 @@ setup(
             "rouge-score>=0.1.2",  # the reference the ROUGE-L accuracy fallback is tested against
             "tensorboard>=2.16",  # log.tensorboard is tested
             "import-linter>=2.1",  # the layering contracts in .importlinter (tests/test_layers.py)
+            "openai>=1.40",  # the judge client (fastebm eval judge / pairwise) is tested against a local server
+            "scipy>=1.10",  # the pairwise sign test
         ],
+        "eval": ["openai>=1.40", "scipy>=1.10"],  # fastebm eval judge / pairwise
         "video": ["nvidia-dali-cuda130>=2.4,<2.5"],
         "gpu": ["flash-attn>=2.7"],
         "tensorboard": ["tensorboard>=2.16"],

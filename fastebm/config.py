@@ -335,6 +335,21 @@ class ParallelConfig:
 
 
 @dataclass
+class EvalConfig:
+    temperature: float = 0.7
+    """Sampling temperature of ``fastebm generate`` (0: greedy). The release evaluates at 0.7."""
+    top_p: float = 0.9
+    """Nucleus sampling threshold of ``fastebm generate`` (the release: 0.9)."""
+    top_k: int = 0
+    """Top-k sampling of ``fastebm generate`` (0: off)."""
+    max_new_tokens: int = 2048
+    """Completion length limit of ``fastebm generate`` (the release: 2048)."""
+    batch_size: int = 4
+    """Records generated together by ``fastebm generate`` and ``fastebm eval videoqa`` (one rollout per batch;
+    their clips decode ahead while the previous batch generates), and scored together by ``fastebm eval auto``."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -347,6 +362,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,6 +530,10 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(cfg.rollout.temperature >= 0, "rollout.temperature", "must be >= 0 (0 is greedy)")
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    need(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0 (0 is greedy)")
+    need(0 < cfg.eval.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+    need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+    need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     need(cfg.train.steps >= 0, "train.steps", "must be >= 0")
     need(cfg.train.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
     need(cfg.train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")

@@ -30,6 +30,7 @@ def test_wheel_maps_kernels_under_fastebm(tmp_path):
     assert "fastebm/kernels/__init__.py" in names
     # the default prompt templates are package data: a wheel without them could not build a prompt
     assert {"fastebm/data/templates/ebm_system.txt", "fastebm/data/templates/ebm_user.txt"} <= set(names)
+    assert "fastebm/eval/templates/judge_absolute.txt" in names  # the evaluation templates ship as files
     assert not any(n.startswith("kernels/") for n in names)
     assert any(n.endswith("entry_points.txt") for n in names)
     ep = [n for n in names if n.endswith("entry_points.txt")][0]

@@ -59,6 +59,11 @@ def test_cli_trains_tiny_recipe(env, tmp_path):
 
     m = AutoModelForImageTextToText.from_pretrained(str(out / "checkpoints" / "2"))
     assert m.config.model_type == "qwen2_vl"
+    # the run's report (fastebm.eval.report), written at the end, and the log says where
+    page = (out / "report" / "index.html").read_text()
+    for name in ("reward_format.png", "reward_pcg.png", "reward_total.png", "kl.png", "loss.png", "time.png"):
+        assert (out / "report" / name).is_file() and f"src='{name}'" in page
+    assert "report:" in res.stdout + res.stderr
 
 
 def test_cli_rejects_unknown_key(tmp_path):

@@ -8,6 +8,9 @@
     fastebm data precompute RECORDS [--video-root DIR] [--cache-dir DIR] [--config RECIPE]
     fastebm data show-prompt RECIPE [--index N] [--sft] [section.key=value ...]
     fastebm data profiles import SRC OUT.json [--records FILE ...]
+    fastebm generate RECIPE --records FILE --out FILE [--checkpoint DIR] [--prompt-mode MODE] [section.key=value ...]
+    fastebm eval auto | judge | pairwise | videoqa ...   (docs/evaluation.md)
+    fastebm report RUN_DIR [--out DIR]
 
 Errors a user can fix (a bad recipe, record, file or checkpoint) print one line naming the file and
 the field and exit non-zero; bugs keep their traceback.
@@ -47,11 +50,13 @@ def setup_logging(run_dir: str | None = None, level=logging.INFO) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from fastebm.cli import data, train
+    from fastebm.cli import eval as eval_cli
 
     p = argparse.ArgumentParser(prog="fastebm", description="EBM-RL (GRPO) trainer for video VLMs")
     sub = p.add_subparsers(dest="command", required=True)
     train.add_parsers(sub)
     data.add_parsers(sub)
+    eval_cli.add_parsers(sub)
     return p
 
 
@@ -72,11 +77,12 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"fastebm: error: {where()}{e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # TrainingError, CheckpointError: the message says what and where
+    except RuntimeError as e:  # TrainingError, CheckpointError, JudgeError: the message says what and where
+        from fastebm.eval.judge_client import JudgeError
         from fastebm.train.checkpoint import CheckpointError
         from fastebm.train.trainer import TrainingError
 
-        if not isinstance(e, (TrainingError, CheckpointError)):
+        if not isinstance(e, (TrainingError, CheckpointError, JudgeError)):
             raise
         print(f"fastebm: error: {where()}{e}", file=sys.stderr)
         return 1

@@ -120,7 +120,19 @@ def _run(trainer, cfg) -> int:
     finally:
         destroy_distributed(dist)
     log.info("done: %d steps; metrics in %s", trainer.step, trainer.metrics.path)
+    if dist.is_main:
+        write_run_report(trainer.run_dir)
     return 0
+
+
+def write_run_report(run_dir: str) -> None:
+    """The run's plots and report page (``fastebm report``); plotting never fails a finished run."""
+    try:
+        from fastebm.eval.report import write_report
+
+        log.info("report: %s", write_report(run_dir))
+    except Exception as e:  # a missing font or backend must not turn a good run into an error
+        log.warning("could not write the report (%s: %s); try: fastebm report %s", type(e).__name__, e, run_dir)
 
 
 def launch(args, cfg) -> int:
