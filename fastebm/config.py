@@ -103,6 +103,16 @@ class PromptConfig:
     Empty: fastebm's own (``fastebm/data/templates/ebm_system.txt``). Placeholders: docs/reproduction.md."""
     user_file: str = ""
     """User-turn template file: the text after the video. Empty: fastebm's own (``ebm_user.txt``)."""
+    cot_system_file: str = ""
+    """System template of the ``cot`` prompt mode (``fastebm generate --prompt-mode cot``: think, then answer,
+    no perception block). Empty: fastebm's own (``cot_system.txt``)."""
+    cot_user_file: str = ""
+    """User template of the ``cot`` prompt mode. Empty: fastebm's own (``cot_user.txt``)."""
+    vanilla_system_file: str = ""
+    """System template of the ``vanilla`` prompt mode (the character's line only, no tags). Empty: fastebm's own
+    (``vanilla_system.txt``)."""
+    vanilla_user_file: str = ""
+    """User template of the ``vanilla`` prompt mode. Empty: fastebm's own (``vanilla_user.txt``)."""
     profile_field: str = "- {label}: {value}"
     """How one field of a structured profile is rendered (``{label}``: the field name with ``_`` as a space,
     title-cased; ``{value}``: its text); fields are joined by newlines in the documented order."""

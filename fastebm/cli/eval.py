@@ -32,9 +32,11 @@ def add_parsers(sub) -> None:
     g.add_argument("overrides", nargs="*", help="section.key=value overrides (e.g. eval.temperature=0)")
     g.add_argument("--records", required=True, help="records file (the released EBM format, JSON array or JSONL)")
     g.add_argument("--out", required=True, help="predictions JSONL (appended to: a rerun skips the ids in it)")
-    _model_args(g)
+    _checkpoint_arg(g)
+    g.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     g.add_argument("--prompt-mode", choices=("ebm", "cot", "vanilla"), default="ebm",
-                   help="ebm: the training prompt; cot: think then answer; vanilla: the line only")
+                   help="ebm: the training prompt; cot: think then answer; vanilla: the line only (the recipe's "
+                        "[prompt] templates of the mode: prompt.cot_system_file ...)")
     g.add_argument("--limit", type=int, default=0, help="only the first N records (0: all)")
     g.set_defaults(func=cmd_generate)
 
@@ -88,9 +90,13 @@ def _common_args(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
 
 
-def _model_args(p) -> None:
+def _checkpoint_arg(p) -> None:
     p.add_argument("--checkpoint", default="", help="model: a from_pretrained directory or a fastebm checkpoint "
                                                     "(default: the recipe's model)")
+
+
+def _model_args(p) -> None:
+    _checkpoint_arg(p)
     _common_args(p)
 
 
@@ -149,7 +155,7 @@ def cmd_generate(args) -> int:
     cfg = _config(args.recipe, args.overrides)
     with model_dir(args.checkpoint, cfg) as path:
         st = generate_predictions(cfg, model_path=path, records_path=args.records, out_path=args.out,
-                                  mode=args.prompt_mode, limit=args.limit, template_dir=args.templates,
+                                  mode=args.prompt_mode, limit=args.limit,
                                   progress=not args.no_progress)
     print(f"generated {st.generated} ({st.already_done} already in {args.out}), skipped {st.skipped}"
           + (f" (see {skipped_path_for(args.out)})" if st.skipped else ""))

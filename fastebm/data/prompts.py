@@ -77,9 +77,12 @@ PROFILE_FIELD_PLACEHOLDERS = {"label": "the field name, title-cased", "value": "
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
-MODES = {"ebm": (("system_file", "ebm_system.txt"), ("user_file", "ebm_user.txt"))}
+MODES = {"ebm": (("system_file", "ebm_system.txt"), ("user_file", "ebm_user.txt")),
+         "cot": (("cot_system_file", "cot_system.txt"), ("cot_user_file", "cot_user.txt")),
+         "vanilla": (("vanilla_system_file", "vanilla_system.txt"), ("vanilla_user_file", "vanilla_user.txt"))}
 """Prompt mode -> ((the [prompt] field naming its system template, the shipped default),
-(the same for its user template)). Training uses "ebm"; evaluation may add modes here."""
+(the same for its user template)). Training uses "ebm" (the tagged vision / think / answer output);
+``fastebm generate --prompt-mode`` also "cot" (think, then answer) and "vanilla" (the line only)."""
 
 
 class PromptTooLong(DataError):

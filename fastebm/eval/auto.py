@@ -40,7 +40,7 @@ from fastebm.data.video import VideoError
 from fastebm.eval.extract import lenient_answer
 from fastebm.eval.generate import PrefetchSource, load_predictions, resolve_device, video_geometry
 from fastebm.eval.progress import Progress
-from fastebm.eval.prompts import eval_prompt
+from fastebm.eval.prompts import eval_prompt, prompt_templates
 from fastebm.eval.stats import distinct_n, mean
 from fastebm.model.loading import LoadedModel, load_model
 from fastebm.rewards import RewardContext, RewardInputs, build_rewards, call_reward, needs_teacher
@@ -98,6 +98,7 @@ def auto_metrics(cfg: Config, preds_path: str, out_dir: str, *, teacher_path: st
         video_cache_dir=cfg.video.cache_dir, kernel=cfg.grpo.kernel, shared_prefix=cfg.rollout.shared_prefix))
     need_video = any(n not in TEXT_ONLY_REWARDS for n in names)
     profiles = _profiles_of(rows, records)
+    templates = prompt_templates(cfg.prompt, "ebm")  # the PCG teacher sees the training prompt
     source = PrefetchSource(cfg.video, video_geometry(teacher.model) if teacher else {}) if need_video else None
 
     per: dict[str, list[Optional[float]]] = {k: [None] * len(rows) for k in
@@ -134,9 +135,10 @@ def auto_metrics(cfg: Config, preds_path: str, out_dir: str, *, teacher_path: st
                 inputs = RewardInputs(records=[records[i] for i in idx], group_size=1,
                                       videos=[videos[i] for i in idx] if source is not None else [])
                 if teacher is not None:
-                    inputs.prompt_ids = [eval_prompt(records[i], "ebm", tokenizer=teacher.tokenizer,
+                    inputs.prompt_ids = [eval_prompt(records[i], templates, tokenizer=teacher.tokenizer,
                                                      num_video_tokens=videos[i].num_video_tokens, profiles=profiles,
-                                                     tags=tags, max_history_turns=cfg.data.max_history_turns)
+                                                     tags=tags, max_history_turns=cfg.data.max_history_turns,
+                                                     max_prompt_tokens=cfg.data.max_prompt_tokens)
                                          for i in idx]
                 raw = [rows[i]["raw_output"] or "" for i in idx]
                 for name, fn in rewards.items():

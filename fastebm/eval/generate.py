@@ -42,7 +42,7 @@ from fastebm.data.records import Profiles, Record, load_usable_records, resolve_
 from fastebm.data.video import VideoError, VideoPrefetcher, VideoSample
 from fastebm.eval.extract import parse_output
 from fastebm.eval.progress import Progress
-from fastebm.eval.prompts import PROMPT_MODES, eval_prompt
+from fastebm.eval.prompts import PROMPT_MODES, eval_prompt, prompt_templates
 from fastebm.model.decode import shared_prefix_rollout
 from fastebm.model.forward import Prompt
 from fastebm.model.loading import LoadedModel, load_model
@@ -224,11 +224,19 @@ def run_generation(items: Sequence[GenItem], *, model: LoadedModel, source,
                     log.warning("skipped %s: %s", it.id, e)
             if b + 1 < len(batches):  # the next batch's clips decode while this one generates
                 source.prefetch([it.video for it in batches[b + 1]])
+            prompts, kept = [], []
+            for it, v in loaded:
+                try:
+                    prompts.append(Prompt(build_prompt(it, v), v))
+                    kept.append((it, v))
+                except DataError as e:  # e.g. over data.max_prompt_tokens even without dialogue history
+                    skips.append({"id": it.id, "file": it.video, "reason": str(e)})
+                    log.warning("skipped %s: %s", it.id, e)
+            loaded = kept
             append_jsonl(skipped_path, skips)
             stats.skipped += len(skips)
             rows = []
             if loaded:
-                prompts = [Prompt(build_prompt(it, v), v) for it, v in loaded]
                 t0 = time.perf_counter()
                 res = sample(model.model, model.tokenizer, prompts, rcfg,
                              seeds=[item_seed(sampling.seed, it.id) for it, _ in loaded])
@@ -270,7 +278,7 @@ def skipped_path_for(out_path: str) -> str:
 
 
 def generate_predictions(cfg: Config, *, model_path: str, records_path: str, out_path: str, mode: str = "ebm",
-                         limit: int = 0, template_dir: str = "", progress: bool = True) -> GenerationStats:
+                         limit: int = 0, progress: bool = True) -> GenerationStats:
     """``fastebm generate``: see the module docstring. ``model_path``: a ``from_pretrained`` directory."""
     if mode not in PROMPT_MODES:
         raise ValueError(f"--prompt-mode {mode!r}: expected one of {', '.join(PROMPT_MODES)}")
@@ -291,10 +299,12 @@ def generate_predictions(cfg: Config, *, model_path: str, records_path: str, out
     d, sampling = cfg.data, Sampling.from_config(cfg)
     items = [GenItem(str(r.problem_id), resolve_video(r, d.video_root), r) for r in records]
 
+    templates = prompt_templates(cfg.prompt, mode)  # the recipe's [prompt] templates of the mode, checked once
+
     def build_prompt(it: GenItem, video: VideoSample) -> list[int]:
-        return eval_prompt(it.data, mode, tokenizer=lm.tokenizer, num_video_tokens=video.num_video_tokens,
+        return eval_prompt(it.data, templates, tokenizer=lm.tokenizer, num_video_tokens=video.num_video_tokens,
                            profiles=profiles, tags=d.tags, max_history_turns=d.max_history_turns,
-                           template_dir=template_dir)
+                           max_prompt_tokens=d.max_prompt_tokens)
 
     def make_row(it: GenItem, video: VideoSample, *, text: str, **numbers) -> dict:
         rec: Record = it.data

@@ -58,7 +58,9 @@ def test_auto_metrics_equal_the_rewards_called_directly(crafted, tiny_cfg, tmp_p
     records = [parse_record(r["record"], path, i) for i, r in enumerate(kept)]
     videos = [load_video_sample(r["video"], cfg.video, **g) for r in kept]
     prompt_ids = [encode_prompt(teacher.tokenizer, build_messages(rec, r["profiles"]["assistant"], cfg.data.tags,
-                                                                  cfg.data.max_history_turns), v.num_video_tokens)
+                                                                  cfg.data.max_history_turns,
+                                                                  user_profile=r["profiles"]["user"]),
+                                v.num_video_tokens)
                   for rec, r, v in zip(records, kept, videos)]
     rewards = build_rewards(["accuracy", "clip", "pcg"], cfg.rewards,
                             RewardContext(tags=tuple(cfg.data.tags), reference=teacher,

@@ -6,10 +6,12 @@ import re
 
 import pytest
 
+from fastebm.config import PromptConfig
+from fastebm.data import DataError
 from fastebm.data.prompts import build_messages, encode_prompt
 from fastebm.data.records import Profiles, parse_record
 from fastebm.data.sample import CHARACTERS, SOURCE, make_records
-from fastebm.eval.prompts import eval_prompt, videoqa_prompt
+from fastebm.eval.prompts import eval_prompt, prompt_templates, videoqa_prompt
 from fastebm.eval.templates import BUNDLED_DIR, TemplateError, load_template, render, render_template
 
 from helpers import tiny_model
@@ -42,12 +44,9 @@ def test_unknown_placeholder_names_the_file():
         render("Hello {nmae}", {"name": "x"}, "my.txt")
 
 
-ROLEPLAY = ["assistant", "user", "data_source", "profile", "user_profile", "history", "vision_tag", "think_tag",
-            "answer_tag"]
 VIDEOQA = ["question", "options", "answer_format", "vision_tag", "think_tag", "answer_tag"]
 CONTEXT = ["assistant", "user", "data_source", "assistant_profile", "user_profile", "dialogue", "reference"]
-KEYS = {"cot_system.txt": ROLEPLAY, "cot_user.txt": ROLEPLAY, "vanilla_system.txt": ROLEPLAY,
-        "vanilla_user.txt": ROLEPLAY, "videoqa_ebm_system.txt": VIDEOQA, "videoqa_cot_system.txt": VIDEOQA,
+KEYS = {"videoqa_ebm_system.txt": VIDEOQA, "videoqa_cot_system.txt": VIDEOQA,
         "videoqa_vanilla_system.txt": VIDEOQA, "videoqa_user.txt": VIDEOQA, "videoqa_answer_choice.txt": [],
         "videoqa_answer_yesno.txt": [], "judge_system.txt": [], "judge_reask.txt": ["problem"],
         "judge_absolute.txt": CONTEXT + ["responses", "labels", "num_responses", "example"],
@@ -67,15 +66,18 @@ def test_every_bundled_template_renders_with_its_command_values():
 
 
 def test_ebm_mode_is_the_training_prompt(lm, record):
-    ids = eval_prompt(record, "ebm", tokenizer=lm.tokenizer, num_video_tokens=7, profiles=PROFILES, max_history_turns=2)
+    ids = eval_prompt(record, prompt_templates(PromptConfig(), "ebm"), tokenizer=lm.tokenizer, num_video_tokens=7,
+                      profiles=PROFILES, max_history_turns=2)
     expected = encode_prompt(lm.tokenizer, build_messages(record, PROFILES.get(SOURCE, record.assistant),
-                                                          ("vision", "think", "answer"), 2), 7)
+                                                          ("vision", "think", "answer"), 2,
+                                                          user_profile=PROFILES.get(SOURCE, record.user)), 7)
     assert ids == expected
 
 
 @pytest.mark.parametrize("mode", ["cot", "vanilla"])
 def test_cot_and_vanilla_prompts(lm, record, mode):
-    ids = eval_prompt(record, mode, tokenizer=lm.tokenizer, num_video_tokens=5, profiles=PROFILES)
+    ids = eval_prompt(record, prompt_templates(PromptConfig(), mode), tokenizer=lm.tokenizer, num_video_tokens=5,
+                      profiles=PROFILES)
     pad = lm.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     assert ids.count(pad) == 5
     text = decoded(lm, ids)
@@ -85,22 +87,23 @@ def test_cot_and_vanilla_prompts(lm, record, mode):
     assert text.rstrip().endswith("assistant")  # the generation prompt closes it
 
 
-def test_templates_dir_replaces_a_template_by_name(lm, record, tmp_path):
-    (tmp_path / "cot_system.txt").write_text("CUSTOM SYSTEM for {assistant}\n")
-    ids = eval_prompt(record, "cot", tokenizer=lm.tokenizer, num_video_tokens=1, profiles=PROFILES,
-                      template_dir=str(tmp_path))
+def test_prompt_config_replaces_a_mode_template(lm, record, tmp_path):
+    (tmp_path / "cot_system.txt").write_text("CUSTOM SYSTEM for {assistant_name}\n")
+    cfg = PromptConfig(cot_system_file=str(tmp_path / "cot_system.txt"))
+    ids = eval_prompt(record, prompt_templates(cfg, "cot"), tokenizer=lm.tokenizer, num_video_tokens=1,
+                      profiles=PROFILES)
     text = decoded(lm, ids)
     assert f"CUSTOM SYSTEM for {record.assistant}" in text
-    assert "The conversation so far" in text  # cot_user.txt still the bundled one
+    assert "The conversation so far" in text  # cot_user.txt still fastebm's own
     (tmp_path / "cot_user.txt").write_text("{histroy}")
-    with pytest.raises(TemplateError, match="cot_user.txt: unknown placeholder {histroy}"):
-        eval_prompt(record, "cot", tokenizer=lm.tokenizer, num_video_tokens=1, profiles=PROFILES,
-                    template_dir=str(tmp_path))
+    cfg.cot_user_file = str(tmp_path / "cot_user.txt")
+    with pytest.raises(DataError, match=r"cot_user.txt \(prompt.cot_user_file\): unknown placeholder \{histroy\}"):
+        prompt_templates(cfg, "cot")
 
 
 def test_unknown_mode(lm, record):
     with pytest.raises(ValueError, match="prompt mode 'fancy'"):
-        eval_prompt(record, "fancy", tokenizer=lm.tokenizer, num_video_tokens=1, profiles=PROFILES)
+        prompt_templates(PromptConfig(), "fancy")
 
 
 def test_videoqa_prompts(lm):
