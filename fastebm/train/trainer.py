@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from fastebm.config import Config
+from fastebm.config import Config, validate_grpo
 from fastebm.data.records import Profiles, Record, RecordSampler
 from fastebm.grpo.advantages import combine_rewards
 from fastebm.grpo.loss import compute_grpo_loss, loss_options
@@ -50,7 +50,7 @@ from fastebm.rewards import (RewardContext, RewardError, RewardInputs, TeacherRe
 from fastebm.train.batches import Batch, BatchSource
 from fastebm.train.builders import (Checkpointer, SkipRecorder, TrainingError, build_data, build_optimizer,
                                     build_policy, build_reference, build_scheduler, setup_run, video_geometry)
-from fastebm.train.checkpoint import latest_checkpoint, resolve_resume
+from fastebm.train.checkpoint import latest_checkpoint
 from fastebm.train.loop import Progress, train_loop
 from fastebm.train.metrics import MetricsWriter, step_metrics
 from fastebm.train.parallel import Dist, clip_grad_norm, gathered_params
@@ -93,14 +93,16 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        validate_grpo(cfg)  # groups of >= 2 (the advantage is relative to the group)
         check_rewards(cfg.rewards)  # unknown reward names fail before anything is built (plug-ins imported here)
         env = setup_run(cfg, records="train")  # run dir, device, process group, seed, sample data, config.toml
         self.run_dir, self.device, self.dist = env.run_dir, env.device, env.dist
 
         self.skips = SkipRecorder(self.run_dir, self.dist, lambda: getattr(self, "step", 0))
         self.records, self.profiles, self.sampler = build_data(cfg.data.train, cfg.data.profiles, cfg.run.seed,
-                                                               self.skips)
-        resume_from = resolve_resume(cfg.train.resume, self.run_dir)
+                                                               self.skips, video_root=cfg.data.video_root,
+                                                               allow_outside_root=cfg.data.allow_outside_root)
+        resume_from = env.resume_from  # verified by setup_run (train.resume, run.start_over)
         self.policy = build_policy(cfg.model, cfg.parallel, env, resume_from)
         self.reference = None
         if cfg.grpo.beta != 0 or needs_teacher(cfg.rewards.enabled):
