@@ -543,7 +543,7 @@ RANGES: dict[str, str] = {
     "train.steps": ">= 0",
     "train.prompts_per_step": ">= 1",
     "train.micro_batch_size": ">= 1",
-    "train.lr": "> 0",
+    "train.lr": "(0, 1]",
     "train.warmup_steps": ">= 0",
     "train.min_lr_ratio": "[0, 1]",
     "train.weight_decay": ">= 0",

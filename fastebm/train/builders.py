@@ -277,7 +277,7 @@ class Checkpointer:
         self.last_saved: Optional[str] = None
 
     def state_dict(self) -> dict:
-        """``trainer_state.pt`` but the optimizer and the RNG (collective: gathers the profiles' misses)."""
+        """The trainer state but the optimizer and the RNG (collective: gathers the profiles' misses)."""
         return {"scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state(),
                 "samples_skipped": self.skips.count, "profiles_missing": self._merged_profiles_missing()}
 
