@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -44,16 +45,27 @@ class Planted:
         return (os.system, (f"touch {self.marker}",))
 
 
-def make_legacy(ck, payload) -> None:
+def make_legacy(ck, payload, fingerprint=None) -> None:
     """Rewrite checkpoint ``ck`` as fastebm <= 0.1 wrote it: a pickled trainer_state.pt, meta.json without
-    version or checksums."""
+    version or checksums (with ``fingerprint`` when given: the run that will resume it)."""
     for name in ("trainer_state.json", "trainer_state.safetensors"):
         if os.path.exists(os.path.join(ck, name)):
             os.remove(os.path.join(ck, name))
     torch.save(payload, os.path.join(ck, "trainer_state.pt"))
     meta = json.load(open(os.path.join(ck, "meta.json")))
-    json.dump({"step": meta["step"], "fingerprint": meta["fingerprint"], "format": "hf"},
+    json.dump({"step": meta["step"], "fingerprint": fingerprint or meta["fingerprint"], "format": "hf"},
               open(os.path.join(ck, "meta.json"), "w"))
+
+
+def attempt(fn):
+    """``fn()``'s exception (None if it returned): the planted marker is checked before the error."""
+    try:
+        fn()
+    except (Exception, BaseException) as e:  # DCP's CheckpointException is a BaseException
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return e
+    return None
 
 
 def test_planted_trainer_state_never_runs_on_resume(tiny_path, tmp_path):
@@ -63,10 +75,12 @@ def test_planted_trainer_state_never_runs_on_resume(tiny_path, tmp_path):
     marker = tmp_path / "PLANTED_RAN"
     make_legacy(ck, {"scheduler": Planted(marker)})
     ckp = checkpointer(tmp_path / "run", tiny_path)
-    with pytest.raises(CheckpointError, match=r"trainer_state.pt.*pickles.*fastebm convert-checkpoint .* --trusted"):
-        ckp.restore(resolve_resume("true", str(tmp_path / "run")))
-    with pytest.raises(CheckpointError, match="convert-checkpoint"):
-        ckp.restore(ck)  # an explicit path is refused the same way
+    err = attempt(lambda: ckp.restore(resolve_resume("true", str(tmp_path / "run"))))
+    assert not marker.exists(), "the planted command ran"
+    assert isinstance(err, CheckpointError), repr(err)
+    assert re.search(r"trainer_state.pt.*pickles.*fastebm convert-checkpoint .* --trusted", str(err)), err
+    err = attempt(lambda: ckp.restore(ck))  # an explicit path is refused the same way
+    assert isinstance(err, CheckpointError) and "convert-checkpoint" in str(err)
     assert not marker.exists(), "the planted command ran"
 
 
@@ -74,17 +88,24 @@ def test_planted_trainer_state_never_runs_on_resume(tiny_path, tmp_path):
 def test_cli_resume_of_a_planted_checkpoint_stops_and_runs_nothing(tiny_path, tmp_path):
     """The issue's scenario end to end: `fastebm train ... train.resume=true` on a folder whose checkpoint
     holds a planted trainer_state.pt exits 1 naming the file; the command never runs."""
+    from fastebm.data.records import load_records
+    from fastebm.data.sample import write_sample_dataset
+    from fastebm.train.checkpoint import fingerprint
+
     out = tmp_path / "run"
-    ck = checkpointer(out, tiny_path).save(1)
+    ckp = checkpointer(out, tiny_path)
+    ck = ckp.save(1)
     marker = tmp_path / "PLANTED_RAN"
-    make_legacy(ck, {"scheduler": Planted(marker)})
+    records = load_records(write_sample_dataset(str(tmp_path / "sample"))["train"])
+    # the fingerprint of the run that resumes it (copied, as anyone can): it is no defence
+    make_legacy(ck, {"scheduler": Planted(marker)}, fingerprint(ckp.policy.model.config.to_dict(), len(records)))
     res = subprocess.run([sys.executable, "-m", "fastebm.cli", "train", os.path.join(ROOT, "recipes", "tiny.toml"),
                           f"run.output_dir={out}", f"model.tiny_cache_dir={os.path.dirname(tiny_path)}",
                           f"data.sample_dir={tmp_path / 'sample'}", "train.steps=2", "train.resume=true",
                           "log.progress=false"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert not marker.exists(), "the planted command ran"
     assert res.returncode == 1, res.stderr[-3000:]
     assert "trainer_state.pt" in res.stderr and "convert-checkpoint" in res.stderr, res.stderr[-3000:]
-    assert not marker.exists(), "the planted command ran"
 
 
 def _dcp_dir(tmp_path, tiny_path, state) -> str:
@@ -109,26 +130,33 @@ def test_planted_dcp_metadata_never_runs_on_export_or_resume(tiny_path, tmp_path
     marker = tmp_path / "PLANTED_RAN"
     with open(os.path.join(ck, ".metadata"), "wb") as f:
         pickle.dump(Planted(marker), f)
-    with pytest.raises(CheckpointError, match=r"\.metadata: refusing to load it: it refers to posix\.system"):
-        export_checkpoint(ck, str(tmp_path / "hf"))
-    with pytest.raises(CheckpointError, match=r"\.metadata: refusing"):
-        load_sharded_weights(ck, lm.model)
+    err = attempt(lambda: export_checkpoint(ck, str(tmp_path / "hf")))
     assert not marker.exists(), "the planted command ran"
+    assert isinstance(err, CheckpointError), repr(err)
+    assert re.search(r"\.metadata: refusing to load it: it refers to posix\.system", str(err)), err
+    err = attempt(lambda: load_sharded_weights(ck, lm.model))
+    assert not marker.exists(), "the planted command ran"
+    assert isinstance(err, CheckpointError) and ".metadata: refusing" in str(err), repr(err)
 
 
 def test_planted_dcp_item_never_runs(tiny_path, tmp_path):
-    """A non-tensor DCP item (how the optimizer's hyper-parameters are stored) holding a planted pickle."""
-    from fastebm.train.checkpoint import load_dcp
+    """A non-tensor DCP item (how the optimizer's hyper-parameters are stored) holding a planted pickle,
+    loaded the way a sharded resume loads it (``load_sharded_weights`` with the optimizer)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    from fastebm.train.checkpoint import load_sharded_weights
+
+    lm = load_model(tiny_path, torch.device("cpu"), "float32")
+    opt = build_optimizer(lm.model, TrainConfig())
+    msd, osd = get_state_dict(lm.model, opt)
     marker = tmp_path / "PLANTED_RAN"
-    ck = _dcp_dir(tmp_path, tiny_path, {"w": torch.ones(3), "lr": Planted(marker)})
+    osd["param_groups"][0]["lr"] = Planted(marker)
+    ck = _dcp_dir(tmp_path, tiny_path, {"model": msd, "optimizer": osd})
     assert not marker.exists()  # saving pickles it without running it
-    with pytest.raises(CheckpointError, match="'lr': refusing to load it"):
-        load_dcp({"w": torch.zeros(3), "lr": 0.0}, ck, no_dist=True)
+    err = attempt(lambda: load_sharded_weights(ck, lm.model, opt))
     assert not marker.exists(), "the planted command ran"
-    state = {"w": torch.zeros(3)}
-    load_dcp(state, ck, no_dist=True)  # the tensors of the same checkpoint still load
-    assert torch.equal(state["w"], torch.ones(3))
+    assert isinstance(err, CheckpointError) and "param_groups.0.lr': refusing to load it" in str(err), repr(err)
+    load_sharded_weights(ck, lm.model)  # the weights of the same checkpoint (tensors only) still load
 
 
 def test_dcp_metadata_reader_accepts_real_metadata(tiny_path, tmp_path):

@@ -205,13 +205,13 @@ def test_a_weight_for_a_reward_that_is_not_enabled_is_refused():
     assert cfg.rewards.enabled == ["format", "accuracy"]
 
 
-def test_grpo_refuses_groups_of_one():
-    from fastebm.config import validate_grpo
+def test_grpo_refuses_groups_of_one(tmp_path):
+    from fastebm.train.trainer import Trainer
 
-    cfg = load_config(None, BASE + ["rollout.group_size=1"])  # fine for SFT, which samples nothing
+    cfg = load_config(None, BASE + ["rollout.group_size=1", f"run.output_dir={tmp_path}"])  # fine for SFT
     with pytest.raises(ConfigError, match=r"command line: rollout.group_size = 1: GRPO needs at least 2"):
-        validate_grpo(cfg)
-    validate_grpo(load_config(None, BASE + ["rollout.group_size=2"]))
+        Trainer(cfg)  # before anything is built
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.slow

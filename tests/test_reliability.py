@@ -108,8 +108,6 @@ def _signal_after(t, at_step, sig):
 @pytest.mark.parametrize("kind,sig", [("grpo", signal.SIGTERM), ("sft", signal.SIGUSR1)],
                          ids=["train-SIGTERM", "sft-SIGUSR1"])
 def test_stop_signal_finishes_the_step_saves_and_stops(env, tmp_path, signal_guard, kind, sig):
-    from fastebm.train.stop import Preempted
-
     out = tmp_path / "run"
 
     def make(*overrides):
@@ -117,8 +115,9 @@ def test_stop_signal_finishes_the_step_saves_and_stops(env, tmp_path, signal_gua
 
     t = make("train.steps=10", "train.checkpoint_every=0")
     _signal_after(t, at_step=2, sig=sig)
-    with pytest.raises(Preempted) as e:
+    with pytest.raises(Exception) as e:
         t.train()
+    assert type(e.value).__name__ == "Preempted", repr(e.value)  # fastebm.train.stop.Preempted (CLI: exit 75)
     assert e.value.signal_name == sig.name and e.value.step == 2
     assert [r["step"] for r in read_metrics(str(out))] == [1, 2]
     assert sorted(os.listdir(out / "checkpoints")) == ["2"] and e.value.checkpoint == str(out / "checkpoints" / "2")
@@ -127,6 +126,24 @@ def test_stop_signal_finishes_the_step_saves_and_stops(env, tmp_path, signal_gua
     resumed = make("train.steps=3", "train.resume=true")
     assert resumed.step == 2
     resumed.close()
+
+
+def test_a_preemption_signal_while_starting_is_acted_on_after_the_first_step(env, tmp_path, signal_guard):
+    """SIGUSR1's default action kills the process: the CLI installs a handler before the models load
+    (install_early_handlers) that remembers the signal for the loop."""
+    from fastebm.train import stop
+
+    t = SFTTrainer(sft_cfg(env, tmp_path / "run", "train.steps=10", "train.checkpoint_every=0"))
+    try:
+        stop.install_early_handlers()
+        os.kill(os.getpid(), signal.SIGUSR1)  # arrives "while starting": before the loop
+        with pytest.raises(stop.Preempted) as e:
+            t.train()
+    finally:
+        signal.signal(signal.SIGUSR1, signal_guard)
+        stop._early_stop = None
+    assert e.value.signal_name == "SIGUSR1" and e.value.step == 1
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,15 +321,16 @@ def disk_full(limit=1 << 18):
 
 
 def test_a_failed_save_leaves_nothing_and_names_the_last_good_checkpoint(tiny_path, tmp_path):
-    from fastebm.train.checkpoint import CheckpointWriteError, verify_checkpoint
-
     run = tmp_path / "run"
     ckp = tiny_checkpointer(run, tiny_path)
     good = ckp.save(1)
-    with disk_full(), pytest.raises(CheckpointWriteError, match=rf"step 2 could not be written .*File too large.*"
-                                                               rf"last good checkpoint is {re.escape(good)}"):
+    with disk_full(), pytest.raises(CheckpointError, match=rf"step 2 could not be written .*File too large.*"
+                                                          rf"last good checkpoint is {re.escape(good)}") as e:
         ckp.save(2)
+    assert type(e.value).__name__ == "CheckpointWriteError"  # what the loop survives for a periodic save
     assert sorted(os.listdir(run / "checkpoints")) == ["1"]  # no half-written .tmp folder
+    from fastebm.train.checkpoint import verify_checkpoint
+
     verify_checkpoint(good)
 
 

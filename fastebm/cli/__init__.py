@@ -12,7 +12,7 @@ Errors a user can fix (a bad recipe, record, file or checkpoint) print one line 
 the field and exit non-zero; bugs keep their traceback. The exit codes (``fastebm.train.stop``; the
 table is in docs/reliability.md): 0 done, 1 stopped by an error (the last good checkpoint named), 2
 bad recipe / data / command line, 3 run folder in use by another run, 75 preempted (SIGTERM /
-SIGUSR1: the step finished and was saved), 130 Ctrl-C (saved), 143 SIGTERM outside the steps.
+SIGUSR1: the step finished and was saved), 130 Ctrl-C (saved), 143 SIGTERM to a rank outside the steps.
 """
 from __future__ import annotations
 

@@ -80,9 +80,11 @@ def cmd_train(args) -> int:
         return 0
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
         return launch(args, cfg)
+    from fastebm.train.stop import install_early_handlers
     from fastebm.train.trainer import Trainer
 
     setup_logging(os.path.expanduser(cfg.run.output_dir))
+    install_early_handlers()  # a preemption signal while the models load is acted on after step 1
     trainer = Trainer(cfg)
     log.info("training %s for %d steps -> %s", cfg.model.path or f"tiny {cfg.model.tiny}", cfg.train.steps,
              trainer.run_dir)
@@ -96,8 +98,10 @@ def cmd_sft(args) -> int:
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
         return launch(args, cfg)
     from fastebm.train.sft import SFTTrainer
+    from fastebm.train.stop import install_early_handlers
 
     setup_logging(os.path.expanduser(cfg.run.output_dir))
+    install_early_handlers()  # a preemption signal while the models load is acted on after step 1
     trainer = SFTTrainer(cfg)
     return _run(trainer, cfg)
 
@@ -176,11 +180,8 @@ def launch(args, cfg) -> int:
                               "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
                               "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(cfg.parallel.timeout_s))})
     proc = subprocess.Popen(run, env=env, start_new_session=True, preexec_fn=_die_with_parent)
-    forwarded = []
-
     def forward(signum, frame):
-        forwarded.append(signal.Signals(signum).name)
-        for pid in _children(proc.pid):  # the ranks (torchrun's children)
+        for pid in _children(proc.pid) or [proc.pid]:  # the ranks (torchrun's children); torchrun before they exist
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:

@@ -9,9 +9,10 @@ Exit codes (docs/reliability.md has the table with what to do for each):
 2     bad recipe, override, data or command line (ConfigError / DataError); nothing trained
 3     the run folder is in use by another live run (``fastebm.lock``); nothing written
 75    preempted: SIGTERM or SIGUSR1 arrived; the step finished, a checkpoint of it is saved;
-      resume with ``train.resume=true`` (75 is EX_TEMPFAIL: "try again later")
+      resume with ``train.resume=true`` (75 is EX_TEMPFAIL: "try again later"). One that
+      arrives while the run starts is acted on after the first step
 130   Ctrl-C (SIGINT): the step finished and a checkpoint of it is saved
-143   SIGTERM before training started (under torchrun: the launcher's, nothing to save yet)
+143   under torchrun, SIGTERM outside the training steps (start-up, shutdown): nothing to save
 ====  ====================================================================================
 
 ``StopSignals`` is installed by the loop for its duration (then the previous handlers come back):
@@ -48,6 +49,27 @@ class Preempted(Exception):
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
 
 
+_early_stop: Optional[str] = None  # a SIGTERM / SIGUSR1 that arrived before the loop (install_early_handlers)
+
+
+def install_early_handlers() -> None:
+    """Remember a SIGUSR1 (and, on one process, a SIGTERM) that arrives while the run is starting, for
+    the loop to act on after its first step. The CLI calls it before building the trainer; without
+    it a SIGUSR1 at start-up would kill the process (its default action). Under torchrun a SIGTERM
+    at start-up keeps exiting at once (``parallel._on_sigterm``: a launcher stopping the job)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGUSR1, _on_early)
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _on_early)
+
+
+def _on_early(signum, frame):
+    global _early_stop
+    _early_stop = _early_stop or signal.Signals(signum).name
+    log.warning("%s while starting: the run will save and stop after its first step", _early_stop)
+
+
 class StopSignals:
     """Context manager: while inside, SIGINT / SIGTERM / SIGUSR1 ask the loop to stop after the step.
 
@@ -63,6 +85,7 @@ class StopSignals:
         self._prev: dict = {}
 
     def __enter__(self) -> "StopSignals":
+        self.preempted = _early_stop
         if threading.current_thread() is threading.main_thread():
             self._prev[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
             for s in PREEMPT_SIGNALS:

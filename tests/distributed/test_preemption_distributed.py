@@ -18,14 +18,25 @@ import time
 
 import pytest
 
-from fastebm.cli.train import _children
-from fastebm.train.checkpoint import verify_checkpoint
 from fastebm.train.metrics import read_metrics
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPES = {"train": os.path.join(ROOT, "recipes", "tiny.toml"), "sft": os.path.join(ROOT, "recipes", "tiny_sft.toml")}
+
+
+def _children(pid):
+    """Pids of ``pid``'s child processes (Linux /proc)."""
+    out = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{name}/stat").read()
+        except OSError:
+            continue
+        if stat[stat.rfind(")") + 2:].split()[1] == str(pid):
+            out.append(int(name))
+    return out
 
 
 def _env():
@@ -62,6 +73,8 @@ def test_two_ranks_save_the_step_together_and_exit_75(tmp_path, kind, sig, to):
     assert 1 <= steps[-1] < 500 and steps == list(range(1, steps[-1] + 1))
     ck = out / "checkpoints" / str(steps[-1])
     assert sorted(os.listdir(out / "checkpoints")) == [str(steps[-1])]
+    from fastebm.train.checkpoint import verify_checkpoint
+
     meta = verify_checkpoint(str(ck))
     assert meta["format"] == "dcp" and meta["world_size"] == 2
     assert sorted(os.listdir(ck / "rng")) == ["0.json", "0.safetensors", "1.json", "1.safetensors"]
