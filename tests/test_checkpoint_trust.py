@@ -197,24 +197,25 @@ def test_trainer_state_round_trips_exactly_without_pickle(tiny_path, tmp_path):
     assert other.scheduler.state_dict() == ckp.scheduler.state_dict()
 
 
-def test_convert_checkpoint_needs_trusted_and_then_resumes(tiny_path, tmp_path):
-    from fastebm.train.checkpoint import convert_legacy_checkpoint, verify_checkpoint
+def test_convert_checkpoint_needs_trusted_and_then_resumes(tiny_path, tmp_path, capsys):
+    from fastebm.cli import main
+    from fastebm.train.checkpoint import verify_checkpoint
     from fastebm.train.safe_io import load_tree
 
     ckp = checkpointer(tmp_path / "run", tiny_path)
     ck = ckp.save(2)
     state = load_tree(os.path.join(ck, "trainer_state"))
     make_legacy(ck, state)  # an honest old checkpoint
-    res = subprocess.run([sys.executable, "-m", "fastebm.cli", "convert-checkpoint", ck], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 1 and "--trusted" in res.stderr, res.stderr
+    assert main(["convert-checkpoint", ck]) == 1
+    assert "only for a checkpoint you trust (your own run); then add --trusted" in capsys.readouterr().err
     assert os.path.exists(os.path.join(ck, "trainer_state.pt"))  # untouched without --trusted
-    assert convert_legacy_checkpoint(ck) == ["trainer_state.pt"]
+    assert main(["convert-checkpoint", ck, "--trusted"]) == 0
+    assert "trainer_state.pt rewritten as JSON + safetensors" in capsys.readouterr().out
     assert not os.path.exists(os.path.join(ck, "trainer_state.pt"))
     verify_checkpoint(ck)
     assert checkpointer(tmp_path / "run", tiny_path).restore(ck) == 2
-    with pytest.raises(CheckpointError, match="already in the current checkpoint format"):
-        convert_legacy_checkpoint(ck)
+    assert main(["convert-checkpoint", ck, "--trusted"]) == 1
+    assert "already in the current checkpoint format" in capsys.readouterr().err
 
 
 def test_tree_rejects_what_it_does_not_know(tmp_path):

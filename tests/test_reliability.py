@@ -105,8 +105,8 @@ def _signal_after(t, at_step, sig):
     t.train_step = step
 
 
-@pytest.mark.parametrize("kind,sig", [("grpo", signal.SIGTERM), ("sft", signal.SIGUSR1)],
-                         ids=["train-SIGTERM", "sft-SIGUSR1"])
+@pytest.mark.parametrize("kind,sig", [pytest.param("grpo", signal.SIGTERM, marks=pytest.mark.slow),
+                                      ("sft", signal.SIGUSR1)], ids=["train-SIGTERM", "sft-SIGUSR1"])
 def test_stop_signal_finishes_the_step_saves_and_stops(env, tmp_path, signal_guard, kind, sig):
     out = tmp_path / "run"
 
@@ -371,6 +371,24 @@ def test_stale_temporary_folders_are_removed_at_start(env, tmp_path, caplog):
 # ----------------------------------------------------------------------------------------------
 
 
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
+    from fastebm.train.metrics import MetricsWriter
+
+    rows = [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "lo')
+    with caplog.at_level(logging.WARNING, logger="fastebm"):
+        w = MetricsWriter(str(tmp_path), resume_step=2)
+    assert "metrics.jsonl: line 3 is incomplete (the run stopped while writing it): dropped" in caplog.text
+    w.write({"step": 3, "loss": 0.125})
+    assert read_metrics(str(tmp_path)) == rows + [{"step": 3, "loss": 0.125}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1\n' + json.dumps(rows[1]) + "\n")
+    from fastebm.data import DataError
+
+    with pytest.raises(DataError, match=r"metrics.jsonl: line 1: not a JSON object"):
+        MetricsWriter(str(tmp_path), resume_step=2)  # damage before the last line is not a torn write
+
+
+@pytest.mark.slow
 def test_torn_last_metrics_line_is_dropped_on_resume(env, tmp_path, caplog):
     out = tmp_path / "run"
     SFTTrainer(sft_cfg(env, out, "train.steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=0")).train()
@@ -389,6 +407,7 @@ def test_torn_last_metrics_line_is_dropped_on_resume(env, tmp_path, caplog):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_video_paths_outside_the_root_are_skipped_never_opened(env, tmp_path):
     from fastebm.data.sample import write_sample_dataset
     from fastebm.data.video import decode_stats, reset_decode_stats
