@@ -5,7 +5,8 @@ In dependency order, as both trainers call them::
     env = setup_run(cfg, records="train")       # run dir (locked), device, process group, seed, data, model
                                                 #   path, the checkpoint to resume (env.resume_from)
     skips = SkipRecorder(env.run_dir, env.dist, lambda: trainer.step)
-    data = build_data(cfg.data.train, cfg.data.profiles, cfg.run.seed, skips)  # records, profiles, sampler
+    data = build_data(cfg.data.train, cfg.data.profiles, cfg.run.seed, skips,  # records, profiles, sampler
+                      video_root=cfg.data.video_root, allow_outside_root=cfg.data.allow_outside_root)
     resume_from = env.resume_from
     policy = build_policy(cfg.model, cfg.parallel, env, resume_from)           # FSDP2 on several ranks
     optimizer = build_optimizer(policy.model, cfg.train)
