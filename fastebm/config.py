@@ -7,6 +7,14 @@ section (``cfg.video``, ``cfg.rollout`` ...), never the whole config.
 
 Field docstrings are the documentation: ``fastebm train RECIPE --print-config`` prints the resolved
 config with them as comments.
+
+Numeric ranges are declared in one table, ``RANGES`` (``"section.key": "> 0"``, ``"[0, 1)"``,
+``"== -1 or >= 1"``, ``"any"``): a new int or float field joins it with one line (a test checks that
+every numeric field has one). ``validate`` checks every value against it (list items and table values
+too) and every float for being finite; errors name the key, the value, the rule and where the value
+came from (the recipe file, ``command line`` or ``defaults``: ``load_config`` records the source of
+each key it sets). A dotted override of a table entry (``rewards.weights.format=2``) changes that
+entry; ``rewards.weights={...}`` replaces the table.
 """
 from __future__ import annotations
 
@@ -46,6 +54,10 @@ class RunConfig:
     """Seed for Python, NumPy and torch (data order, sampling, initialisation of tiny models)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the models run: ``auto`` takes CUDA when it is available, else the CPU."""
+    start_over: bool = False
+    """A fresh run (``train.resume = false``) refuses an output_dir that holds checkpoints (the two runs
+    would mix); true deletes them first. A resumed run refuses checkpoints newer than the one it resumes
+    from; true deletes those."""
 
 
 @dataclass
@@ -79,6 +91,10 @@ class DataConfig:
     """Character profiles: JSON object {data_source: {character name: profile text}}. Empty: neutral profiles."""
     video_root: str = ""
     """Directory that record ``video_path`` values are relative to (default: the records file's folder)."""
+    allow_outside_root: bool = False
+    """Let a record's ``video_path`` leave the video root (an absolute path, or ``..``). Off: such a record
+    is skipped and recorded in skipped.jsonl (a records file from elsewhere cannot make the trainer open
+    any file it can read)."""
     sample_dir: str = ""
     """If set and ``train`` is empty: write the bundled sample dataset here on first use and train on it."""
     val_fraction: float = 0.0
@@ -462,9 +478,15 @@ def _coerce(value: Any, tp, key: str, source: str) -> Any:
     raise bad()
 
 
-def apply_table(cls, table: dict, prefix: str, source: str, base=None):
+class _Merge(dict):
+    """A table built from dotted override keys (``rewards.weights.format=2``): merged into the current
+    value of a table field, key by key, instead of replacing it."""
+
+
+def apply_table(cls, table: dict, prefix: str, source: str, base=None, sources: Optional[dict] = None):
     """Set the fields of ``base`` (or a new ``cls()``) from a TOML-like table, checking keys and types;
-    errors name the dotted key and ``source`` (the file, or "command line")."""
+    errors name the dotted key and ``source`` (the file, or "command line"). ``sources``, when given,
+    records ``dotted key -> source`` for every value set (``value_source``)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     obj = base if base is not None else cls()
@@ -479,9 +501,19 @@ def apply_table(cls, table: dict, prefix: str, source: str, base=None):
         if dataclasses.is_dataclass(tp):
             if not isinstance(v, dict):
                 raise ConfigError(f"{source}: '{key}' must be a table [{key}], got {v!r}")
-            apply_table(tp, v, key, source, base=getattr(obj, k))
+            apply_table(tp, v, key, source, base=getattr(obj, k), sources=sources)
+        elif isinstance(v, _Merge) and typing.get_origin(tp) is dict:
+            merged = dict(getattr(obj, k))
+            merged.update(_coerce(dict(v), tp, key, source))
+            setattr(obj, k, merged)
+            if sources is not None:
+                sources.update({f"{key}.{sub}": source for sub in v})
         else:
             setattr(obj, k, _coerce(v, tp, key, source))
+            if sources is not None:
+                for known in [s for s in sources if s.startswith(key + ".")]:  # a replaced table
+                    del sources[known]
+                sources[key] = source
     return obj
 
 
@@ -494,7 +526,8 @@ def _parse_value(text: str) -> Any:
 
 
 def parse_overrides(args: list[str]) -> dict:
-    """``["train.steps=3", "run.output_dir=/tmp/r"]`` -> nested dict."""
+    """``["train.steps=3", "run.output_dir=/tmp/r"]`` -> nested dict. The tables made from dotted keys
+    are merged into a table field (``rewards.weights.format=2`` sets one weight)."""
     out: dict = {}
     for a in args:
         if "=" not in a or a.startswith("="):
@@ -505,7 +538,7 @@ def parse_overrides(args: list[str]) -> dict:
             raise ConfigError(f"command line: override {a!r}: the key must be section.key (e.g. train.steps=3)")
         d = out
         for p in parts[:-1]:
-            d = d.setdefault(p, {})
+            d = d.setdefault(p, _Merge())
             if not isinstance(d, dict):
                 raise ConfigError(f"command line: override {a!r} conflicts with another override")
         d[parts[-1]] = _parse_value(text.strip())
@@ -515,78 +548,222 @@ def parse_overrides(args: list[str]) -> dict:
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Defaults, then the TOML file at ``path``, then dotted overrides; validated."""
     cfg = Config()
+    sources: dict[str, str] = {}
     if path:
         try:
             with open(path, "rb") as f:
                 table = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"{path}: recipe file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory, not a recipe file (a .toml file, e.g. recipes/tiny.toml)") \
+                from None
+        except PermissionError:
+            raise ConfigError(f"{path}: the recipe file cannot be read (permission denied)") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
-        apply_table(Config, table, "", path, base=cfg)
+        apply_table(Config, table, "", path, base=cfg, sources=sources)
     if overrides:
-        apply_table(Config, parse_overrides(overrides), "", "command line", base=cfg)
-    validate(cfg, path or "defaults")
+        apply_table(Config, parse_overrides(overrides), "", "command line", base=cfg, sources=sources)
+    object.__setattr__(cfg, "_sources", sources)  # not a field: never printed or compared
+    validate(cfg, "defaults")
     return cfg
 
 
-def validate(cfg: Config, source: str = "config") -> None:
-    """Cross-field checks that types alone cannot express."""
-    def need(cond, key, msg):
-        if not cond:
-            raise ConfigError(f"{source}: {key}: {msg}")
+def value_source(cfg: Config, key: str, default: str = "defaults") -> str:
+    """Where ``key``'s value came from: the recipe file, ``command line``, or ``default`` (never set).
+    A key inside a table set as a whole (``rewards.weights.format``) has the table's source."""
+    sources = getattr(cfg, "_sources", {})
+    while key:
+        if key in sources:
+            return sources[key]
+        key = key.rpartition(".")[0]
+    return default
 
-    need(cfg.rollout.group_size >= 1, "rollout.group_size", "must be >= 1")
-    need(cfg.rollout.temperature >= 0, "rollout.temperature", "must be >= 0 (0 is greedy)")
-    need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-    need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
-    need(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0 (0 is greedy)")
-    need(0 < cfg.eval.top_p <= 1, "eval.top_p", "must be in (0, 1]")
-    need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
-    need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
-    need(cfg.train.steps >= 0, "train.steps", "must be >= 0")
-    need(cfg.train.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
-    need(cfg.train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+
+# ----------------------------------------------------------------------------------------------
+# Numeric ranges
+# ----------------------------------------------------------------------------------------------
+
+RANGES: dict[str, str] = {
+    "run.seed": ">= 0",
+    "data.val_fraction": "[0, 1)",
+    "data.split_seed": ">= 0",
+    "data.max_history_turns": ">= 0",
+    "data.max_prompt_tokens": ">= 0",
+    "video.fps": "> 0",
+    "video.min_frames": ">= 1",
+    "video.max_frames": ">= 1",
+    "video.min_pixels": ">= 1",
+    "video.max_pixels": ">= 1",
+    "video.timeout_s": ">= 0",
+    "video.clip_size": ">= 0",
+    "video.num_workers": ">= 0",
+    "video.second_per_grid": ">= 0",
+    "rollout.group_size": ">= 1",
+    "rollout.temperature": ">= 0",
+    "rollout.top_p": "(0, 1]",
+    "rollout.top_k": ">= 0",
+    "rollout.max_new_tokens": ">= 1",
+    "rewards.weights": "any",
+    "rewards.std_eps": "> 0",
+    "rewards.pcg.max_tokens": ">= 0",
+    "rewards.accuracy.num_layers": ">= 0",
+    "rewards.clip.topk_ratio": "(0, 1]",
+    "rewards.pcg.tau": "[-1, 1]",
+    "grpo.beta": ">= 0",
+    "grpo.epsilon_low": ">= 0",
+    "grpo.epsilon_high": ">= 0",
+    "grpo.delta": "> 0",
+    "grpo.mu": ">= 1",
+    "grpo.kl_clamp": "> 0",
+    "train.steps": ">= 0",
+    "train.prompts_per_step": ">= 1",
+    "train.micro_batch_size": ">= 1",
+    "train.lr": "(0, 1]",
+    "train.warmup_steps": ">= 0",
+    "train.warmup_ratio": "[0, 1)",
+    "train.epochs": ">= 0",
+    "train.min_lr_ratio": "[0, 1]",
+    "train.weight_decay": ">= 0",
+    "train.adam_betas": "[0, 1)",
+    "train.max_grad_norm": ">= 0",
+    "train.checkpoint_every": ">= 0",
+    "train.keep_checkpoints": ">= 0",
+    "log.samples_every": ">= 0",
+    "eval.temperature": ">= 0",
+    "eval.top_p": "(0, 1]",
+    "eval.top_k": ">= 0",
+    "eval.max_new_tokens": ">= 1",
+    "eval.batch_size": ">= 1",
+    "parallel.dp_shard": "== -1 or >= 1",
+    "parallel.dp_replicate": ">= 1",
+    "parallel.timeout_s": "> 0",
+}
+"""Where each numeric field's values must lie: ``OP N`` (``>``, ``>=``, ``<``, ``<=``, ``==``), an interval
+``[a, b]`` / ``(a, b]`` / ``[a, b)`` / ``(a, b)``, alternatives joined by `` or ``, or ``any``. Applies to
+every item of a list field and every value of a table field; None (an optional field left unset)
+passes. Every float must also be finite, whatever its range."""
+
+
+def _in_range(x: float, spec: str) -> bool:
+    for alt in spec.split(" or "):
+        alt = alt.strip()
+        if alt == "any":
+            return True
+        if alt[0] in "[(":
+            lo, hi = (float(v) for v in alt[1:-1].split(","))
+            if (lo <= x if alt[0] == "[" else lo < x) and (x <= hi if alt[-1] == "]" else x < hi):
+                return True
+            continue
+        op, _, num = alt.partition(" ")
+        n = float(num)
+        if {">": x > n, ">=": x >= n, "<": x < n, "<=": x <= n, "==": x == n}[op]:
+            return True
+    return False
+
+
+def _describe_range(spec: str) -> str:
+    parts = []
+    for alt in spec.split(" or "):
+        alt = alt.strip()
+        parts.append(f"in {alt}" if alt[0] in "[(" else alt.replace("== ", ""))
+    return " or ".join(parts)
+
+
+def numeric_fields(cls=None, prefix: str = "") -> dict[str, Any]:
+    """Every int / float field (lists and tables of them, optional ones too) of the config, by dotted
+    key -> its type: what ``RANGES`` must cover."""
+    cls = cls or Config
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(tp):
+            out.update(numeric_fields(tp, key))
+            continue
+        args = set(typing.get_args(tp)) | {tp}
+        if typing.get_origin(tp) in (list, dict):
+            args = {typing.get_args(tp)[-1]}
+        if args & {int, float}:
+            out[key] = tp
+    return out
+
+
+def _values(key: str, v) -> list[tuple[str, Any]]:
+    if isinstance(v, list):
+        return [(f"{key}[{i}]", x) for i, x in enumerate(v)]
+    if isinstance(v, dict):
+        return [(f"{key}.{k}", x) for k, x in v.items()]
+    return [(key, v)]
+
+
+def _check_ranges(cfg: Config, default_source: str) -> None:
+    for key in numeric_fields():
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        spec = RANGES.get(key, "any")
+        for name, x in _values(key, obj):
+            if x is None or isinstance(x, bool) or not isinstance(x, (int, float)):
+                continue
+            where = value_source(cfg, name, default_source)
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ConfigError(f"{where}: {name} = {x!r}: must be a finite number")
+            if not _in_range(x, spec):
+                raise ConfigError(f"{where}: {name} = {x!r}: must be {_describe_range(spec)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Every numeric value against ``RANGES``, then the cross-field checks that types alone cannot
+    express. Errors name the source of the value (``value_source``; ``source`` for a value never set)."""
+    _check_ranges(cfg, source)
+
+    def need(cond, key, msg, *also):
+        if not cond:
+            where = " and ".join(dict.fromkeys(value_source(cfg, k, source) for k in (key, *also)))
+            raise ConfigError(f"{where}: {key}: {msg}")
+
     need(len(cfg.train.adam_betas) == 2, "train.adam_betas", "must be two numbers")
-    need(cfg.grpo.mu >= 1, "grpo.mu", "must be >= 1")
-    need(cfg.grpo.beta >= 0, "grpo.beta", "must be >= 0")
     need(len(cfg.data.tags) == 3 and all(t.isidentifier() for t in cfg.data.tags), "data.tags",
          "must be three tag names (identifiers), e.g. ['vision', 'think', 'answer']")
-    need(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
-    need(1 <= cfg.video.min_frames <= cfg.video.max_frames, "video.min_frames",
-         "must be >= 1 and <= video.max_frames")
-    need(0 < cfg.video.min_pixels <= cfg.video.max_pixels, "video.min_pixels", "must be > 0 and <= video.max_pixels")
+    need(cfg.video.min_frames <= cfg.video.max_frames, "video.min_frames",
+         "must be >= 1 and <= video.max_frames", "video.max_frames")
+    need(cfg.video.min_pixels <= cfg.video.max_pixels, "video.min_pixels", "must be > 0 and <= video.max_pixels",
+         "video.max_pixels")
     need(bool(cfg.model.path) != bool(cfg.model.tiny), "model.path",
-         "set exactly one of model.path (a local checkpoint) and model.tiny ('qwen2vl' or 'qwen25vl')")
+         "set exactly one of model.path (a local checkpoint) and model.tiny ('qwen2vl' or 'qwen25vl')", "model.tiny")
     need(cfg.train.resume.lower() in ("true", "false") or bool(cfg.train.resume), "train.resume",
          "false, true or a checkpoint directory")
-    p = cfg.parallel
-    need(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", "must be >= 1, or -1 (fill the world size)")
-    need(p.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1")
-    need(p.timeout_s > 0, "parallel.timeout_s", "must be > 0")
     # Reward names are checked against the registry by fastebm.rewards.check_rewards (plug-ins register more).
     for name in cfg.rewards.enabled:
-        need(name in cfg.rewards.weights, "rewards.weights", f"no weight for enabled reward {name!r}")
+        need(name in cfg.rewards.weights, "rewards.weights", f"no weight for enabled reward {name!r}",
+             "rewards.enabled")
+    for name in cfg.rewards.weights:  # a weight tuned on the command line for a reward that is off
+        need(name in cfg.rewards.enabled or value_source(cfg, f"rewards.weights.{name}") != "command line",
+             f"rewards.weights.{name}", f"reward {name!r} is not in rewards.enabled "
+             f"({', '.join(cfg.rewards.enabled)}): enable it, or drop its weight")
     need(bool(cfg.rewards.enabled), "rewards.enabled", "at least one reward is needed")
     r = cfg.rewards
     need(not (r.accuracy.tiny and r.accuracy.model_path), "rewards.accuracy.tiny",
-         "set at most one of rewards.accuracy.model_path and rewards.accuracy.tiny")
-    need(r.accuracy.num_layers >= 0, "rewards.accuracy.num_layers", "must be >= 0 (0: BERTScore's default)")
-    need(0 < r.clip.topk_ratio <= 1, "rewards.clip.topk_ratio", "must be in (0, 1]")
+         "set at most one of rewards.accuracy.model_path and rewards.accuracy.tiny", "rewards.accuracy.model_path")
     need("clip" not in r.enabled or r.clip.tiny or bool(r.clip.pretrained), "rewards.clip.pretrained",
-         "clip is enabled: set a local open_clip weights file (or rewards.clip.tiny = true)")
-    need(-1 <= r.pcg.tau <= 1, "rewards.pcg.tau", "must be a cosine in [-1, 1]")
-    # Reproduction settings (issue 12): limits, epochs, the KL clamp, the std eps, the M-RoPE spacing.
-    need(cfg.data.max_prompt_tokens >= 0, "data.max_prompt_tokens", "must be >= 0 (0: no limit)")
-    need(r.pcg.max_tokens >= 0, "rewards.pcg.max_tokens", "must be >= 0 (0: no limit)")
-    need(0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1) (0: use train.warmup_steps)")
-    need(math.isfinite(cfg.train.epochs) and cfg.train.epochs >= 0, "train.epochs", "must be >= 0 (0: use train.steps)")
-    need(cfg.grpo.kl_clamp is None or (math.isfinite(cfg.grpo.kl_clamp) and cfg.grpo.kl_clamp > 0), "grpo.kl_clamp",
-         "must be a number > 0 (or unset: no clamp)")
-    need(math.isfinite(r.std_eps) and r.std_eps >= 0, "rewards.std_eps", "must be >= 0")
-    need(math.isfinite(cfg.video.second_per_grid) and cfg.video.second_per_grid >= 0, "video.second_per_grid",
-         "must be >= 0 (0: measured from the clip's sampled fps)")
-    need(cfg.rollout.top_k >= 0, "rollout.top_k", "must be >= 0 (0: off)")
+         "clip is enabled: set a local open_clip weights file (or rewards.clip.tiny = true)", "rewards.enabled")
+
+
+def validate_grpo(cfg: Config) -> None:
+    """What the GRPO trainer needs beyond ``validate``: groups of two or more (one completion per
+    prompt has no advantage: every step's loss and gradient would be zero)."""
+    g = cfg.rollout.group_size
+    if g < 2:
+        raise ConfigError(f"{value_source(cfg, 'rollout.group_size')}: rollout.group_size = {g}: GRPO needs at "
+                          f"least 2 completions per prompt (the advantage is each completion's reward relative to "
+                          f"its group's: with 1, every step's loss and gradient are zero)")
 
 
 def check_parallel(cfg_parallel: ParallelConfig, world_size: int, prompts_per_step: Optional[int] = None,

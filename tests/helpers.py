@@ -45,3 +45,25 @@ def inputs_for(records, prompts, G):
 
     return RewardInputs(records=list(records), group_size=G, videos=[p.video for p in prompts],
                         prompt_ids=[p.ids for p in prompts])
+
+
+def tiny_checkpointer(run_dir, tiny_path: str, keep: int = 0, lr: float = 1e-3):
+    """A ``Checkpointer`` over the tiny policy (loaded through the real loading code), built as the
+    trainers build it, after one optimizer step (so the optimizer has state to save)."""
+    from fastebm.config import TrainConfig
+    from fastebm.data.records import Profiles, RecordSampler
+    from fastebm.model.loading import load_model
+    from fastebm.train.builders import Checkpointer, SkipRecorder, build_optimizer, build_scheduler
+    from fastebm.train.parallel import Dist
+
+    lm = load_model(tiny_path, torch.device("cpu"), "float32")
+    t = TrainConfig(lr=lr)
+    opt = build_optimizer(lm.model, t)
+    sched = build_scheduler(opt, t, 10)
+    sum(p.float().square().sum() for p in list(lm.model.parameters())[:3]).backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    d = Dist()
+    return Checkpointer(str(run_dir), lm, opt, sched, RecordSampler(7, 0), SkipRecorder(str(run_dir), d, lambda: 0),
+                        Profiles(), d, keep=keep)

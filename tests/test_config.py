@@ -144,7 +144,7 @@ def test_reproduction_settings_are_checked_and_the_renamed_key_named():
                           ("video.second_per_grid=-1.0", "video.second_per_grid"), ("rollout.top_k=-5", "rollout.top_k"),
                           ("rewards.pcg.max_tokens=-3", "rewards.pcg.max_tokens"),
                           ("train.warmup_ratio=1.0", "train.warmup_ratio")):
-        with pytest.raises(ConfigError, match=rf": {re.escape(key)}: must be"):
+        with pytest.raises(ConfigError, match=rf"command line: {re.escape(key)} = \S+: must be"):
             load_config(None, base + [override])
     cfg = load_config(None, base + ["grpo.kl_clamp=10", "train.epochs=1", "prompt.system_file=/x/s.txt"])
     assert cfg.grpo.kl_clamp == 10.0 and cfg.train.epochs == 1.0 and cfg.prompt.system_file == "/x/s.txt"
@@ -168,3 +168,96 @@ def test_epochs_and_warmup_ratio_set_the_schedule():
         sched.step()
     assert lrs == pytest.approx([lr_lambda(s, 25, 3, "cosine", 0.0) for s in range(25)])
     assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 16, finding 10: the holes in validation
+# ----------------------------------------------------------------------------------------------
+
+BASE = ["model.tiny=qwen2vl"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lr=nan", r"command line: train.lr = nan: must be a finite number"),
+    ("train.lr=inf", r"command line: train.lr = inf: must be a finite number"),
+    ("train.lr=-1", r"command line: train.lr = -1.0: must be in \(0, 1\]"),
+    ("rollout.top_k=-5", r"command line: rollout.top_k = -5: must be >= 0"),
+    ("train.checkpoint_every=-1", r"train.checkpoint_every = -1: must be >= 0"),
+    ("train.keep_checkpoints=-2", r"train.keep_checkpoints = -2: must be >= 0"),
+    ("train.warmup_steps=-3", r"train.warmup_steps = -3: must be >= 0"),
+    ("video.fps=0", r"video.fps = 0.0: must be > 0"),
+    ("train.adam_betas=[0.9, 1.5]", r"train.adam_betas\[1\] = 1.5: must be in \[0, 1\)"),
+    ("rewards.weights.format=nan", r"rewards.weights.format = nan: must be a finite number"),
+    ("parallel.dp_shard=0", r"parallel.dp_shard = 0: must be -1 or >= 1"),
+])
+def test_numeric_values_out_of_range_are_refused_naming_key_value_and_source(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, BASE + [override])
+
+
+def test_every_numeric_field_has_a_range():
+    from fastebm.config import RANGES, numeric_fields
+
+    fields = numeric_fields()
+    assert {"train.lr", "rollout.top_k", "video.fps", "rewards.weights", "train.adam_betas"} <= set(fields)
+    assert sorted(set(fields) - set(RANGES)) == [], "add a line to config.RANGES for each new numeric field"
+    assert sorted(set(RANGES) - set(fields)) == [], "RANGES names a field that does not exist"
+
+
+def test_the_source_of_a_bad_value_is_named(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('[model]\ntiny = "qwen2vl"\n[train]\nlr = -0.5\n[video]\nmax_frames = 2\n')
+    with pytest.raises(ConfigError, match=rf"^{p}: train.lr = -0.5"):
+        load_config(str(p))  # from the file: the file is named
+    with pytest.raises(ConfigError, match=r"^command line: rollout.top_k = -5"):
+        load_config(str(p), ["train.lr=0.1", "rollout.top_k=-5"])  # from the command line: not the recipe
+    with pytest.raises(ConfigError, match=rf"^defaults and {p}: video.min_frames: must be >= 1 and <= video.max"):
+        load_config(str(p), ["train.lr=0.1"])  # a cross-field check names where each side came from
+    q = tmp_path / "ok.toml"
+    q.write_text('[model]\ntiny = "qwen2vl"\n')
+    with pytest.raises(ConfigError, match=r"^command line: rewards.weights: no weight for enabled reward 'clip'"):
+        load_config(str(q), ["rewards.enabled=['clip']", "rewards.weights={format=1.0}", "rewards.clip.tiny=true"])
+
+
+def test_a_recipe_path_that_is_a_directory_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=rf"{tmp_path}: is a directory, not a recipe file"):
+        load_config(str(tmp_path))
+
+
+def test_a_nested_override_changes_one_key_not_the_table():
+    cfg = load_config(os.path.join(ROOT, "recipes", "tiny.toml"), ["rewards.weights.format=2"])
+    assert cfg.rewards.weights == {"accuracy": 1.0, "format": 2.0, "clip": 0.8, "pcg": 0.8}
+    cfg = load_config(os.path.join(ROOT, "recipes", "tiny.toml"),
+                      ["rewards.enabled=['format']", "rewards.weights={format=3.0}"])
+    assert cfg.rewards.weights == {"format": 3.0}  # an inline table replaces the table
+
+
+def test_a_weight_for_a_reward_that_is_not_enabled_is_refused():
+    with pytest.raises(ConfigError, match=r"command line: rewards.weights.clip: reward 'clip' is not in rewards.enab"):
+        load_config(None, BASE + ["rewards.weights.clip=0.5"])
+    with pytest.raises(ConfigError, match=r"rewards.weights.pcg: reward 'pcg' is not in rewards.enabled"):
+        load_config(None, BASE + ["rewards.weights={format=1.0,accuracy=1.0,pcg=0.3}"])
+    # a recipe's table may list more rewards than a command line enables (tiny.toml has four)
+    cfg = load_config(os.path.join(ROOT, "recipes", "tiny.toml"), ["rewards.enabled=['format','accuracy']"])
+    assert cfg.rewards.enabled == ["format", "accuracy"]
+
+
+def test_grpo_refuses_groups_of_one(tmp_path):
+    from fastebm.train.trainer import Trainer
+
+    cfg = load_config(None, BASE + ["rollout.group_size=1", f"run.output_dir={tmp_path}"])  # fine for SFT
+    with pytest.raises(ConfigError, match=r"command line: rollout.group_size = 1: GRPO needs at least 2"):
+        Trainer(cfg)  # before anything is built
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_cli_group_size_one_and_a_directory_recipe_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    for args, text in ([os.path.join(ROOT, "recipes", "tiny.toml"), "rollout.group_size=1"], "GRPO needs at least 2"), \
+                      ([str(tmp_path)], "is a directory"):
+        res = subprocess.run([sys.executable, "-m", "fastebm.cli", "train", *args, f"run.output_dir={tmp_path / 'r'}"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and text in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]

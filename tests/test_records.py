@@ -99,6 +99,31 @@ def test_resolve_video_relative_to_records_or_root():
     assert resolve_video(r, "/data/ebm") == os.path.normpath("/data/ebm/" + r.video_path)
 
 
+@pytest.mark.parametrize("path", ["../outside.mp4", "/etc/passwd", "videos/../../x.mp4"])
+def test_video_path_is_confined_to_the_video_root(path):
+    import dataclasses
+
+    r = dataclasses.replace(load_records(os.path.join(FIX, "ebm_test_records.json"))[0], video_path=path)
+    with pytest.raises(DataError, match=rf"record 0 .*field 'video_path' = '{path}' leads outside the video "
+                                        rf"root /data/ebm .*data.allow_outside_root"):
+        resolve_video(r, "/data/ebm")
+    assert resolve_video(r, "/data/ebm", allow_outside_root=True) == os.path.normpath(os.path.join("/data/ebm", path))
+    assert resolve_video(dataclasses.replace(r, video_path="videos/../v.mp4"), "/data/ebm") == "/data/ebm/v.mp4"
+
+
+def test_data_check_reports_a_video_path_outside_the_root(tmp_path):
+    import io
+
+    from fastebm.data.check import check_records
+
+    recs = json.load(open(os.path.join(FIX, "ebm_test_records.json")))[:1]
+    recs[0]["video_path"] = "/etc/passwd"
+    (tmp_path / "r.json").write_text(json.dumps(recs))
+    out = io.StringIO()
+    assert not check_records(str(tmp_path / "r.json"), out=out)
+    assert "leads outside the video root" in out.getvalue()
+
+
 def test_sampler_is_deterministic_and_resumable():
     a = RecordSampler(7, seed=3)
     seq = [a.next() for _ in range(20)]

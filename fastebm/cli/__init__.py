@@ -3,6 +3,7 @@
     fastebm train RECIPE [section.key=value ...] [--print-config] [--check] [--nproc-per-node N ...]
     fastebm sft RECIPE [section.key=value ...] [--print-config] [--check] [--nproc-per-node N ...]
     fastebm export CHECKPOINT_DIR OUT_DIR
+    fastebm convert-checkpoint CHECKPOINT_DIR --trusted
     fastebm data sample OUT_DIR
     fastebm data check RECORDS [--video-root DIR]
     fastebm data precompute RECORDS [--video-root DIR] [--cache-dir DIR] [--config RECIPE]
@@ -13,7 +14,10 @@
     fastebm report RUN_DIR [--out DIR]
 
 Errors a user can fix (a bad recipe, record, file or checkpoint) print one line naming the file and
-the field and exit non-zero; bugs keep their traceback.
+the field and exit non-zero; bugs keep their traceback. The exit codes (``fastebm.train.stop``; the
+table is in docs/reliability.md): 0 done, 1 stopped by an error (the last good checkpoint named), 2
+bad recipe / data / command line, 3 run folder in use by another run, 75 preempted (SIGTERM /
+SIGUSR1: the step finished and was saved), 130 Ctrl-C (saved), 143 SIGTERM to a rank outside the steps.
 """
 from __future__ import annotations
 
@@ -71,21 +75,29 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from fastebm.config import ConfigError
     from fastebm.data import DataError
+    from fastebm.train.stop import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_RUN_DIR_IN_USE, EXIT_USAGE
 
     try:
         return args.func(args) or 0
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"fastebm: error: {where()}{e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # TrainingError, CheckpointError, JudgeError: the message says what and where
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C before the training loop (which handles its own) or in a data command
+        print(f"fastebm: {where()}interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RuntimeError as e:  # TrainingError, CheckpointError, RunDirInUse, JudgeError: the message says what and where
         from fastebm.eval.judge_client import JudgeError
         from fastebm.train.checkpoint import CheckpointError
+        from fastebm.train.rundir import RunDirInUse
         from fastebm.train.trainer import TrainingError
 
+        if isinstance(e, RunDirInUse):
+            print(f"fastebm: error: {where()}{e}", file=sys.stderr)
+            return EXIT_RUN_DIR_IN_USE
         if not isinstance(e, (TrainingError, CheckpointError, JudgeError)):
             raise
         print(f"fastebm: error: {where()}{e}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 def where() -> str:

@@ -37,6 +37,7 @@ def add_parsers(sub) -> None:
     c = d.add_parser("check", help="validate records and decode every video; exit 1 if anything is bad")
     c.add_argument("records")
     c.add_argument("--video-root", default="", help="folder video_path is relative to (default: the records' folder)")
+    c.add_argument("--allow-outside-root", action="store_true", help="accept video_path values outside the video root")
     c.set_defaults(func=cmd_check)
     add_precompute_parser(d)
     sp = d.add_parser("show-prompt", help="print the exact chat the policy gets for one record of a recipe")
@@ -68,7 +69,7 @@ def cmd_sample(args) -> int:
 def cmd_check(args) -> int:
     from fastebm.data.check import check_records
 
-    return 0 if check_records(args.records, args.video_root) else 1
+    return 0 if check_records(args.records, args.video_root, allow_outside_root=args.allow_outside_root) else 1
 
 
 def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
@@ -76,6 +77,7 @@ def add_precompute_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("records", help="records file (EBM JSON array or JSONL) with video_path fields")
     p.add_argument("--video-root", default="", help="folder video_path is relative to (default: the records' folder)")
+    p.add_argument("--allow-outside-root", action="store_true", help="accept video_path values outside the video root")
     p.add_argument("--cache-dir", default="", help="cache folder (default: the recipe's video.cache_dir)")
     p.add_argument("--config", default="", help="recipe TOML whose [video] section sets the sampling parameters")
     p.add_argument("--workers", type=int, default=None, help="decode workers (default: video.num_workers)")
@@ -111,7 +113,7 @@ def cmd_precompute(args) -> int:
     if not cfg.cache_dir:
         print("fastebm data precompute: no cache directory: pass --cache-dir or set video.cache_dir", file=sys.stderr)
         return 2
-    paths = video_paths(args.records, args.video_root)
+    paths = video_paths(args.records, args.video_root, args.allow_outside_root)
     t0 = time.monotonic()
     res = precompute(paths, cfg, args.workers, embed_clips=clip_embedder(args.config, cfg.cache_dir))
     dt = time.monotonic() - t0

@@ -6,8 +6,10 @@ from fastebm.data import DataError
 from fastebm.data.records import parse_record, read_raw, resolve_video
 
 
-def check_records(path: str, video_root: str = "", video_cfg: VideoConfig | None = None, out=None) -> bool:
-    """Print a report of ``path``; True when every record parses and every video decodes."""
+def check_records(path: str, video_root: str = "", video_cfg: VideoConfig | None = None, out=None,
+                  allow_outside_root: bool = False) -> bool:
+    """Print a report of ``path``; True when every record parses, every ``video_path`` stays inside the
+    video root (unless ``allow_outside_root``) and every video decodes."""
     from rich.console import Console
 
     from fastebm.data.video import VideoError, load_video_sample
@@ -23,8 +25,12 @@ def check_records(path: str, video_root: str = "", video_cfg: VideoConfig | None
         except DataError as e:  # the message names the file, the record and the field
             bad.append(("record", str(e)))
             continue
+        try:
+            vpath = resolve_video(rec, video_root, allow_outside_root)
+        except DataError as e:  # video_path leaves the video root
+            bad.append(("record", str(e)))
+            continue
         ok_records += 1
-        vpath = resolve_video(rec, video_root)
         try:
             vs = load_video_sample(vpath, video_cfg)
         except VideoError as e:  # the message names the file and the reason

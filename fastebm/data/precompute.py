@@ -27,13 +27,14 @@ def video_config(config_path: str = "", overrides: list[str] | None = None):
     return cfg.video
 
 
-def video_paths(records_path: str, video_root: str = "") -> list[str]:
-    """Distinct absolute video paths of a records file, in first-seen order."""
+def video_paths(records_path: str, video_root: str = "", allow_outside_root: bool = False) -> list[str]:
+    """Distinct absolute video paths of a records file, in first-seen order (DataError for a path
+    outside the video root, unless ``allow_outside_root``)."""
     from fastebm.data.records import load_records, resolve_video
 
     seen, out = set(), []
     for r in load_records(records_path):
-        p = resolve_video(r, video_root)
+        p = resolve_video(r, video_root, allow_outside_root)
         if p not in seen:
             seen.add(p)
             out.append(p)

@@ -153,10 +153,21 @@ def load_usable_records(path: str, on_bad, require=None) -> list[Record]:
     return good
 
 
-def resolve_video(record: Record, video_root: str = "") -> str:
-    """Absolute path of a record's video: relative to ``video_root`` or to the records file's folder."""
-    root = video_root or os.path.dirname(os.path.abspath(record.source_file))
-    return os.path.normpath(os.path.join(root, record.video_path))
+def resolve_video(record: Record, video_root: str = "", allow_outside_root: bool = False) -> str:
+    """Absolute path of a record's video: relative to ``video_root`` or to the records file's folder.
+
+    The path must stay inside that root (``data.allow_outside_root``): an absolute ``video_path`` or one
+    whose ``..`` climbs out is a DataError naming the record, so a records file cannot make the trainer
+    open any file it can read. The check is on the path's text (``..`` resolved, symbolic links not
+    followed): a link inside the root is the root owner's choice.
+    """
+    root = os.path.abspath(os.path.expanduser(video_root) if video_root
+                           else os.path.dirname(os.path.abspath(record.source_file)))
+    path = os.path.normpath(os.path.join(root, record.video_path))
+    if not allow_outside_root and os.path.commonpath([root, path]) != root:
+        raise DataError(f"{record.where}: field 'video_path' = {record.video_path!r} leads outside the video root "
+                        f"{root} (to {path}); set data.allow_outside_root = true if that is intended")
+    return path
 
 
 def split_by_session(records: list[Record], val_fraction: float, seed: int = 0) -> tuple[list[Record], list[Record]]:

@@ -105,7 +105,7 @@ class BatchSource:
         self.video.close()
 
     def _path(self, rec: Record) -> str:
-        return resolve_video(rec, self.data_cfg.video_root)
+        return resolve_video(rec, self.data_cfg.video_root, self.data_cfg.allow_outside_root)
 
     def _prompt(self, rec: Record, video) -> Prompt:
         """The prompt ids exactly as the rollout sees them: system + user turn with the video, within

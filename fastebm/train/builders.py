@@ -2,10 +2,12 @@
 
 In dependency order, as both trainers call them::
 
-    env = setup_run(cfg, records="train")       # run dir, device, process group, seed, data, model path
+    env = setup_run(cfg, records="train")       # run dir (locked), device, process group, seed, data, model
+                                                #   path, the checkpoint to resume (env.resume_from)
     skips = SkipRecorder(env.run_dir, env.dist, lambda: trainer.step)
-    data = build_data(cfg.data.train, cfg.data.profiles, cfg.run.seed, skips)  # records, profiles, sampler
-    resume_from = resolve_resume(cfg.train.resume, env.run_dir)
+    data = build_data(cfg.data.train, cfg.data.profiles, cfg.run.seed, skips,  # records, profiles, sampler
+                      video_root=cfg.data.video_root, allow_outside_root=cfg.data.allow_outside_root)
+    resume_from = env.resume_from
     policy = build_policy(cfg.model, cfg.parallel, env, resume_from)           # FSDP2 on several ranks
     optimizer = build_optimizer(policy.model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total_updates)
@@ -30,13 +32,15 @@ import torch
 
 from fastebm.config import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig, write_config
 from fastebm.data import DataError
-from fastebm.data.records import Profiles, Record, RecordSampler, load_usable_records
+from fastebm.data.records import Profiles, Record, RecordSampler, load_usable_records, resolve_video
 from fastebm.model.loading import LoadedModel, resolve_model_path
-from fastebm.train.checkpoint import (fingerprint, hf_weights_dir, load_checkpoint, load_full_optimizer_state,
-                                      load_sharded_weights, rank_rng_state, save_checkpoint, save_sharded_checkpoint,
-                                      set_rng_state)
+from fastebm.train.checkpoint import (CheckpointWriteError, fingerprint, hf_weights_dir, latest_checkpoint,
+                                      load_checkpoint, load_full_optimizer_state, load_sharded_weights, rank_rng_state,
+                                      remove_stale_temporaries, resolve_resume, save_checkpoint,
+                                      save_sharded_checkpoint, set_rng_state)
 from fastebm.train.metrics import append_skipped
 from fastebm.train.parallel import Dist, init_distributed, load_parallel_model
+from fastebm.train.rundir import RunDirInUse, acquire_run_lock
 
 log = logging.getLogger("fastebm")
 
@@ -57,15 +61,21 @@ class RunEnv:
     device: torch.device
     dist: Dist
     model_path: str  # model.path, or the tiny model built on first use
+    resume_from: Optional[str] = None  # the verified checkpoint to resume (train.resume), or None
 
 
 def setup_run(cfg: Config, records: str = "train") -> RunEnv:
-    """Make the run directory, pick the device, join the process group (torchrun) and seed.
+    """Make the run directory, pick the device, join the process group (torchrun), claim the
+    directory, find the checkpoint to resume, and seed.
 
-    Rank 0 then writes the sample data and builds the tiny model when the config asks for them, while
-    the others wait and read them (``Dist.main_first``); rank 0 writes ``config.toml`` (the resolved
-    config, data paths included). ``records`` names the records field the trainer reads (``train`` for
-    GRPO, ``cot`` for SFT): an empty one is filled from ``data.sample_dir`` or is an error.
+    Before anything is written to the run directory, rank 0 locks it (``fastebm.train.rundir``:
+    RunDirInUse when another run holds it), removes what interrupted saves left, and resolves
+    ``train.resume`` (``resolve_resume``: verified checkpoints, no mixing with another run's; every
+    rank gets rank 0's answer). Rank 0 then writes the sample data and builds the tiny model when the
+    config asks for them, while the others wait and read them (``Dist.main_first``); rank 0 writes
+    ``config.toml`` (the resolved config, data paths included). ``records`` names the records field
+    the trainer reads (``train`` for GRPO, ``cot`` for SFT): an empty one is filled from
+    ``data.sample_dir`` or is an error.
     """
     run_dir = os.path.expanduser(cfg.run.output_dir)
     os.makedirs(run_dir, exist_ok=True)
@@ -73,13 +83,37 @@ def setup_run(cfg: Config, records: str = "train") -> RunEnv:
     # One process, or one rank of a torchrun job: rank, world size, collectives (parallel.py).
     dist = init_distributed(cfg.parallel, device, cfg.train.prompts_per_step)
     device = dist.local_device(device)
+    resume_from = claim_run_dir(run_dir, cfg.train.resume, cfg.run.start_over, dist)
     seed_everything(cfg.run.seed)
     with dist.main_first():  # rank 0 writes the sample data / tiny model, the others read them
         prepare_data(cfg.data, records)
         model_path = resolve_model_path(cfg.model)
     if dist.is_main:
         write_config(cfg, run_dir)
-    return RunEnv(run_dir, device, dist, model_path)
+    return RunEnv(run_dir, device, dist, model_path, resume_from)
+
+
+def claim_run_dir(run_dir: str, resume: str, start_over: bool, dist: Dist) -> Optional[str]:
+    """Rank 0: lock ``run_dir``, clear stale temporary folders, resolve ``resume``; every rank returns
+    the checkpoint to resume or raises rank 0's error (one object broadcast)."""
+    from fastebm.config import ConfigError
+    from fastebm.train.checkpoint import CheckpointError
+
+    answer: tuple = ("ok", None)
+    if dist.is_main:
+        try:
+            acquire_run_lock(run_dir)
+            remove_stale_temporaries(run_dir)
+            answer = ("ok", resolve_resume(resume, run_dir, start_over))
+        except (RunDirInUse, ConfigError, CheckpointError) as e:
+            answer = (type(e).__name__, str(e))
+            if not dist.enabled:
+                raise
+    kind, value = dist.broadcast_object(answer)
+    errors = {"RunDirInUse": RunDirInUse, "ConfigError": ConfigError}
+    if kind != "ok":
+        raise errors.get(kind, CheckpointError)(value)
+    return value
 
 
 def pick_device(name: str) -> torch.device:
@@ -152,11 +186,18 @@ class TrainingData(NamedTuple):
 
 
 def build_data(records_file: str, profiles_file: str, seed: int, skips: SkipRecorder,
-               require: Optional[Callable[[Record], object]] = None) -> TrainingData:
-    """The usable records of ``records_file`` (a malformed one, or one that ``require`` rejects with a
-    ValueError, is skipped and recorded, never fatal alone), the character profiles, and the seeded
-    sampler over the records: the same order on every rank, resumable mid-epoch."""
-    recs = load_usable_records(records_file, skips, require=require)
+               require: Optional[Callable[[Record], object]] = None, *, video_root: str = "",
+               allow_outside_root: bool = False) -> TrainingData:
+    """The usable records of ``records_file`` (a malformed one, one whose ``video_path`` leaves
+    ``video_root`` (``resolve_video``), or one that ``require`` rejects with a ValueError, is skipped
+    and recorded, never fatal alone), the character profiles, and the seeded sampler over the
+    records: the same order on every rank, resumable mid-epoch."""
+    def usable(rec: Record) -> None:
+        resolve_video(rec, video_root, allow_outside_root)
+        if require is not None:
+            require(rec)
+
+    recs = load_usable_records(records_file, skips, require=usable)
     return TrainingData(recs, Profiles.load(profiles_file), RecordSampler(len(recs), seed))
 
 
@@ -260,7 +301,7 @@ class Checkpointer:
         self.last_saved: Optional[str] = None
 
     def state_dict(self) -> dict:
-        """``trainer_state.pt`` but the optimizer and the RNG (collective: gathers the profiles' misses)."""
+        """The trainer state but the optimizer and the RNG (collective: gathers the profiles' misses)."""
         return {"scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state(),
                 "samples_skipped": self.skips.count, "profiles_missing": self._merged_profiles_missing()}
 
@@ -272,18 +313,48 @@ class Checkpointer:
         self.profiles.missing = dict(state.get("profiles_missing", {})) if self.dist.is_main else {}
 
     def save(self, step: int) -> str:
-        """A checkpoint of ``step``: ``hf`` on one process, sharded ``dcp`` on several (collective)."""
+        """A checkpoint of ``step``: ``hf`` on one process, sharded ``dcp`` on several (collective).
+
+        Never of non-finite weights (``check_finite``). CheckpointWriteError, naming the last good
+        checkpoint, when it cannot be written (the temporary folder is removed; the loop decides
+        whether the run goes on).
+        """
+        self.check_finite(step)
         state = self.state_dict()
         model, tok = self.policy.model, self.policy.tokenizer
-        if self.dist.enabled:
-            path = save_sharded_checkpoint(self.run_dir, step, model, self.optimizer, tok, state, self.fingerprint,
-                                           self.dist, keep=self.keep)
-        else:
-            state["optimizer"] = self.optimizer.state_dict()
-            path = save_checkpoint(self.run_dir, step, model, tok, state, self.fingerprint, keep=self.keep)
+        try:
+            if self.dist.enabled:
+                path = save_sharded_checkpoint(self.run_dir, step, model, self.optimizer, tok, state,
+                                               self.fingerprint, self.dist, keep=self.keep)
+            else:
+                state["optimizer"] = self.optimizer.state_dict()
+                path = save_checkpoint(self.run_dir, step, model, tok, state, self.fingerprint, keep=self.keep)
+        except CheckpointWriteError as e:
+            raise CheckpointWriteError(f"{e}. The last good checkpoint is "
+                                       f"{latest_checkpoint(self.run_dir) or '(none yet)'}") from e
         log.info("checkpoint: %s", path)
         self.last_saved = path
         return path
+
+    def check_finite(self, step: int) -> None:
+        """TrainingError when a weight of the policy is NaN or infinite after ``step`` (a diverged
+        update): the step and the last good checkpoint are named and nothing is saved.
+
+        One pass over this rank's parameters (its shards), one host sync and, on several ranks, one
+        all-reduce. Called after every step (the loop) and before every save.
+        """
+        named = list(self.policy.model.named_parameters())
+        # Each rank checks its own shards (DTensor.to_local: no collective); one flag per parameter.
+        flags = [torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for _, p in named]
+        ok = torch.stack(flags).cpu().tolist() if flags else []  # host sync
+        first = next((n for (n, _), good in zip(named, ok) if not good), None)
+        if not self.dist.any(first is not None):
+            return
+        names = [x for x in self.dist.all_gather_object(first) if x]
+        raise TrainingError(f"step {step}: the weights are not finite after the update ({names[0]} first): not "
+                            f"saving them; the run stops. The last good checkpoint is "
+                            f"{latest_checkpoint(self.run_dir) or '(none yet)'} (a lower train.lr or "
+                            f"train.max_grad_norm may help)")
 
     def restore(self, path: str) -> int:
         """Load checkpoint ``path`` into the run's pieces; returns its step. ``hf`` weights were read

@@ -1,12 +1,20 @@
 """Per-step metrics: what a GRPO step reports (``step_metrics``), written to ``metrics.jsonl`` (one
-JSON object per step) and, optionally, TensorBoard (``MetricsWriter``)."""
+JSON object per step) and, optionally, TensorBoard (``MetricsWriter``).
+
+Each row is one ``write`` of one line, flushed at once, so a crash leaves at most the last line torn.
+Reading (a resume, ``read_metrics``) drops a torn last line with a warning; a damaged line elsewhere
+is an error naming the file and the line.
+"""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import statistics
 from typing import Mapping, Optional
+
+from fastebm.data import DataError
 
 
 def step_metrics(step: int, *, rewards: Mapping[str, list[float]], weights: Mapping[str, float], group_size: int,
@@ -52,11 +60,17 @@ class MetricsWriter:
         if not enabled:
             return
         if resume_step is not None and os.path.isfile(self.path):
-            # A resumed run rewrites the steps after its checkpoint: drop them so each step appears once.
-            with open(self.path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
+            # A resumed run rewrites the steps after its checkpoint: drop them so each step appears once
+            # (and a torn last line), then replace the file whole (a crash here leaves the old one).
+            try:
+                rows = read_metrics_file(self.path)
+            except ValueError as e:
+                raise DataError(f"{e}: repair or move the file to resume") from None
+            keep = [json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
                 f.writelines(keep)
+            os.replace(tmp, self.path)
         elif resume_step is None and os.path.isfile(self.path):
             os.replace(self.path, self.path + ".old")  # a fresh run never appends to an older one
         self.tb = None
@@ -73,7 +87,7 @@ class MetricsWriter:
             return
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row) + "\n")  # one write, flushed on close: a crash tears at most this line
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -91,5 +105,27 @@ def append_skipped(path: str, step: int, entry: dict) -> None:
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
+    """The rows of ``run_dir/metrics.jsonl`` (``read_metrics_file``)."""
+    return read_metrics_file(os.path.join(run_dir, "metrics.jsonl"))
+
+
+def read_metrics_file(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl. A last line that is not valid JSON (torn by a crash mid-write) is
+    dropped with a warning; a bad line before it is a ValueError naming the file and the line."""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    rows = []
+    numbered = [(n, ln) for n, ln in enumerate(lines, 1) if ln.strip()]
+    for i, (n, ln) in enumerate(numbered):
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if i == len(numbered) - 1:
+                logging.getLogger("fastebm").warning("%s: line %d is incomplete (the run stopped while writing it): "
+                                                     "dropped", path, n)
+                break
+            raise ValueError(f"{path}: line {n}: not a JSON object of metrics ({e})") from None
+        rows.append(row)
+    return rows

@@ -151,7 +151,10 @@ def init_distributed(pcfg, device: torch.device, prompts_per_step: Optional[int]
 
     The timeout bounds every collective: a rank that hangs (rather than dies) ends the job with a
     timeout error on the others after ``parallel.timeout_s`` instead of blocking forever. A rank that
-    dies is handled by torchrun, which stops the other workers (SIGTERM; see ``_on_sigterm``).
+    dies is handled by torchrun, which stops the other workers with SIGTERM: outside the training
+    steps ``_on_sigterm`` exits at once; during them the rank's next collective with the dead one
+    fails (``is_peer_failure``), since a SIGTERM there means "finish the step and save"
+    (``fastebm.train.stop``).
     """
     from fastebm.config import check_parallel
 
@@ -182,13 +185,17 @@ def init_distributed(pcfg, device: torch.device, prompts_per_step: Optional[int]
 
 
 def _on_sigterm(signum, frame):
-    # torchrun sends SIGTERM to the surviving workers when one of them fails: say so, then exit.
+    # Outside the training loop (start-up, shutdown): nothing to save, exit at once. Inside it the
+    # loop's StopSignals handler replaces this one: a SIGTERM there finishes the step and saves
+    # (fastebm.train.stop), and after a peer's death the next collective fails instead.
+    from fastebm.train.stop import EXIT_KILLED
+
     rank = os.environ.get("RANK", "?")
-    print(f"fastebm: rank {rank}: stopped by the launcher (SIGTERM): another rank failed or the job was "
-          f"cancelled; the launcher's error summary names the failed rank. The newest complete checkpoint "
-          f"under run.output_dir/checkpoints/ is intact (resume with train.resume=true).",
-          file=sys.stderr, flush=True)
-    os._exit(143)
+    print(f"fastebm: rank {rank}: stopped by SIGTERM outside the training steps (start-up or shutdown: the "
+          f"launcher stopping the job after another rank failed, or the job was cancelled); the launcher's summary "
+          f"names a failed rank. The newest complete checkpoint under run.output_dir/checkpoints/ is intact "
+          f"(resume with train.resume=true).", file=sys.stderr, flush=True)
+    os._exit(EXIT_KILLED)
 
 
 def is_peer_failure(e: BaseException) -> bool:

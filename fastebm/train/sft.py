@@ -42,7 +42,7 @@ from fastebm.train.batches import BatchSource
 from fastebm.train.builders import (Checkpointer, SkipRecorder, TrainingError, build_data, build_optimizer,
                                     build_policy, build_scheduler, epoch_progress, max_positions, setup_run,
                                     total_steps, video_geometry)
-from fastebm.train.checkpoint import latest_checkpoint, resolve_resume
+from fastebm.train.checkpoint import latest_checkpoint
 from fastebm.train.loop import Progress, train_loop
 from fastebm.train.metrics import MetricsWriter
 from fastebm.train.parallel import clip_grad_norm
@@ -60,9 +60,11 @@ class SFTTrainer:
         self.skips = SkipRecorder(self.run_dir, self.dist, lambda: getattr(self, "step", 0))
         # A record without `process` is skipped like a malformed one (sft_target raises ValueError).
         self.records, self.profiles, self.sampler = build_data(cfg.data.cot, cfg.data.profiles, cfg.run.seed,
-                                                               self.skips, require=sft_target)
+                                                               self.skips, require=sft_target,
+                                                               video_root=cfg.data.video_root,
+                                                               allow_outside_root=cfg.data.allow_outside_root)
         self.total_steps = total_steps(cfg.train, len(self.records))  # train.steps, or train.epochs of the records
-        resume_from = resolve_resume(cfg.train.resume, self.run_dir)
+        resume_from = env.resume_from  # verified by setup_run (train.resume, run.start_over)
         self.policy = build_policy(cfg.model, cfg.parallel, env, resume_from)
         self.optimizer = build_optimizer(self.policy.model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train, self.total_steps)

@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from fastebm.config import Config
+from fastebm.config import Config, validate_grpo
 from fastebm.data.prompts import load_templates
 from fastebm.data.records import Profiles, Record, RecordSampler
 from fastebm.grpo.advantages import combine_rewards
@@ -52,7 +52,7 @@ from fastebm.train.batches import Batch, BatchSource
 from fastebm.train.builders import (Checkpointer, SkipRecorder, TrainingError, build_data, build_optimizer,
                                     build_policy, build_reference, build_scheduler, epoch_progress, max_positions,
                                     setup_run, total_steps, video_geometry)
-from fastebm.train.checkpoint import latest_checkpoint, resolve_resume
+from fastebm.train.checkpoint import latest_checkpoint
 from fastebm.train.loop import Progress, train_loop
 from fastebm.train.metrics import MetricsWriter, step_metrics
 from fastebm.train.parallel import Dist, clip_grad_norm, gathered_params
@@ -95,6 +95,7 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        validate_grpo(cfg)  # groups of >= 2 (the advantage is relative to the group)
         check_rewards(cfg.rewards)  # unknown reward names fail before anything is built (plug-ins imported here)
         self.templates = load_templates(cfg.prompt)  # a bad template fails before anything is built too
         env = setup_run(cfg, records="train")  # run dir, device, process group, seed, sample data, config.toml
@@ -102,9 +103,10 @@ class Trainer:
 
         self.skips = SkipRecorder(self.run_dir, self.dist, lambda: getattr(self, "step", 0))
         self.records, self.profiles, self.sampler = build_data(cfg.data.train, cfg.data.profiles, cfg.run.seed,
-                                                               self.skips)
+                                                               self.skips, video_root=cfg.data.video_root,
+                                                               allow_outside_root=cfg.data.allow_outside_root)
         self.total_steps = total_steps(cfg.train, len(self.records))  # train.steps, or train.epochs of the records
-        resume_from = resolve_resume(cfg.train.resume, self.run_dir)
+        resume_from = env.resume_from  # verified by setup_run (train.resume, run.start_over)
         self.policy = build_policy(cfg.model, cfg.parallel, env, resume_from)
         self.reference = None
         if cfg.grpo.beta != 0 or needs_teacher(cfg.rewards.enabled):
