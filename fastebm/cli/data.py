@@ -162,8 +162,6 @@ def _model_for_prompt(cfg):
 
 
 def cmd_show_prompt(args) -> int:
-    import dataclasses
-
     from fastebm.config import load_config
     from fastebm.data import DataError
     from fastebm.data.profiles import Profiles
