@@ -183,7 +183,7 @@ def cmd_show_prompt(args) -> int:
     profiles = Profiles.load(cfg.data.profiles)
     templates = load_templates(cfg.prompt)
     tokenizer, geometry, model_note = _model_for_prompt(cfg)
-    video_path = resolve_video(rec, cfg.data.video_root)
+    video_path = resolve_video(rec, cfg.data.video_root, cfg.data.allow_outside_root)
     video, num_video_tokens = None, 0
     if not os.path.isfile(video_path):
         video_line = f"[video: {video_path} (not found here)]"

@@ -284,7 +284,9 @@ def generate_predictions(cfg: Config, *, model_path: str, records_path: str, out
         raise ValueError(f"--prompt-mode {mode!r}: expected one of {', '.join(PROMPT_MODES)}")
     skipped = skipped_path_for(out_path)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)) or ".", exist_ok=True)
-    records = load_usable_records(records_path, lambda **e: append_jsonl(skipped, [e]))
+    d = cfg.data
+    records = load_usable_records(records_path, lambda **e: append_jsonl(skipped, [e]),  # a video outside the
+                                  require=lambda r: resolve_video(r, d.video_root, d.allow_outside_root))  # root
     seen: dict[str, int] = {}
     for r in records:
         if str(r.problem_id) in seen:
@@ -296,8 +298,8 @@ def generate_predictions(cfg: Config, *, model_path: str, records_path: str, out
     profiles = Profiles.load(cfg.data.profiles)
     lm = load_model(model_path, resolve_device(cfg.run.device), cfg.model.dtype, cfg.model.attn_implementation,
                     trainable=False)
-    d, sampling = cfg.data, Sampling.from_config(cfg)
-    items = [GenItem(str(r.problem_id), resolve_video(r, d.video_root), r) for r in records]
+    sampling = Sampling.from_config(cfg)
+    items = [GenItem(str(r.problem_id), resolve_video(r, d.video_root, d.allow_outside_root), r) for r in records]
 
     templates = prompt_templates(cfg.prompt, mode)  # the recipe's [prompt] templates of the mode, checked once
 

@@ -85,13 +85,15 @@ def test_an_interrupted_last_line_is_generated_again(preds, tiny_cfg, policy_pat
 
 
 def test_bad_videos_and_records_are_skipped_and_recorded(tiny_cfg, policy_path, sample, tmp_path):
-    raw = read_raw(sample["train"])[:4]
+    raw = read_raw(sample["train"])[:5]
     root = os.path.dirname(sample["train"])
-    for r in raw:
-        r["video_path"] = os.path.join(root, r["video_path"])
-    raw[1]["video_path"] = write_bad_video(str(tmp_path / "broken.webm"), "truncated")
-    raw[2]["video_path"] = str(tmp_path / "missing.mp4")
+    shutil.copy(os.path.join(root, raw[0]["video_path"]), tmp_path / "good.mp4")
+    raw[0]["video_path"] = "good.mp4"  # paths relative to the records file's folder, the video root
+    write_bad_video(str(tmp_path / "broken.webm"), "truncated")
+    raw[1]["video_path"] = "broken.webm"
+    raw[2]["video_path"] = "missing.mp4"
     del raw[3]["target"]  # malformed record
+    raw[4]["video_path"] = os.path.join(root, raw[4]["video_path"])  # leaves the root: refused, never opened
     records = tmp_path / "records.json"
     records.write_text(json.dumps(raw))
     out = str(tmp_path / "out.jsonl")
@@ -104,6 +106,7 @@ def test_bad_videos_and_records_are_skipped_and_recorded(tiny_cfg, policy_path, 
     assert by[str(raw[1]["problem_id"])]["file"].endswith("broken.webm")
     assert "file not found" in by[str(raw[2]["problem_id"])]["reason"]
     assert "missing field 'target'" in by[3]["reason"]
+    assert "leads outside the video root" in by[4]["reason"]
 
 
 def test_repeated_ids_are_refused(tiny_cfg, policy_path, sample, tmp_path):
