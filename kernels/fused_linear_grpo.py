@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from ._backend import resolve_backend
 from .fused_linear_logprobs import linear_logprobs, token_logprobs
 from .grpo_semantics import (GLOBAL_TOKEN_NORMALISED, LOSS_TYPES, GRPOLossOptions, grpo_loss_from_logps,
                              grpo_loss_reference, loss_metrics, resolve_options)
@@ -35,7 +36,7 @@ from .grpo_semantics import (GLOBAL_TOKEN_NORMALISED, LOSS_TYPES, GRPOLossOption
 LIGER_TOKEN_ONLY = ("cispo", "sapo", "vespo")
 
 
-def _validate(hidden, weight, token_ids, mask, advantages):
+def _validate(hidden, weight, token_ids, mask, advantages, backend="auto"):
     if hidden.ndim != 3:
         raise ValueError(f"hidden must be (B, T, H), got {tuple(hidden.shape)}")
     if token_ids.shape != hidden.shape[:2] or mask.shape != hidden.shape[:2]:
@@ -44,8 +45,11 @@ def _validate(hidden, weight, token_ids, mask, advantages):
     if advantages.shape not in (hidden.shape[:1], hidden.shape[:2]):
         raise ValueError(f"advantages must be (B,) = {tuple(hidden.shape[:1])} or (B, T) = {tuple(hidden.shape[:2])}, "
                          f"got {tuple(advantages.shape)}")
-    if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"hidden must be bf16, fp16 or fp32, got {hidden.dtype}")
+    # float64 runs on the chunked PyTorch path only (the float64 parity tests); Triton takes 16/32-bit.
+    lowp = (torch.float16, torch.bfloat16, torch.float32)
+    if hidden.dtype not in lowp and not (hidden.dtype == torch.float64
+                                         and resolve_backend(backend, hidden.device) == "torch"):
+        raise TypeError(f"hidden must be bf16, fp16 or fp32 (float64 with backend='torch'), got {hidden.dtype}")
 
 
 def fused_linear_grpo_loss(hidden, weight, selected_token_ids, attention_mask, advantages,
@@ -64,7 +68,7 @@ def fused_linear_grpo_loss(hidden, weight, selected_token_ids, attention_mask, a
     ``off_policy_mask_threshold`` (default: the old log-probs).
     """
     options = resolve_options(options, option_overrides, "fused_linear_grpo_loss")
-    _validate(hidden, weight, selected_token_ids, attention_mask, advantages)
+    _validate(hidden, weight, selected_token_ids, attention_mask, advantages, backend)
     entropies = None
     if return_entropy or options.top_entropy_quantile < 1.0:
         logps, entropies = linear_logprobs(hidden, weight, selected_token_ids, options.temperature, bias=bias,

@@ -235,7 +235,8 @@ def vespo_gamma_weights(advantages: torch.Tensor, log_ratio: torch.Tensor, maskf
     """VESPO's detached per-sequence weight phi(W) (B, 1) = exp(lambda + k log W - lambda W), with
     log W the masked SUM of the per-token log-ratios (each clamped to [-20, 20]) plus the sum of the
     log rollout-engine ratios, clamped to [log 1e-8, 20]; (k, lambda) by the sign of the advantage
-    (>= 0: pos). Computed in log space; non-finite weights become 0. ``advantages`` (B, 1) or (B, T)."""
+    (>= 0: pos). Computed in log space; non-finite weights become 0. ``advantages`` (B, 1), or (B, T)
+    (then (k, lambda), hence phi, are per token, as in TRL)."""
     with torch.no_grad():
         log_floor = math.log(1e-8)
         seq = (torch.clamp(log_ratio, -20.0, 20.0) * maskf).sum(-1, keepdim=True)         # (B, 1)
@@ -243,7 +244,7 @@ def vespo_gamma_weights(advantages: torch.Tensor, log_ratio: torch.Tensor, maskf
             # Unmasked sum, as TRL: the engine ratios of padding are exp(0) = 1 by construction.
             seq = seq + torch.clamp(torch.log(vllm_is_ratio), log_floor, 20.0).sum(-1, keepdim=True)
         log_w = torch.clamp(seq, log_floor, 20.0)
-        nonneg = advantages[:, :1] >= 0                                                   # (B, 1)
+        nonneg = advantages >= 0                      # (B, 1), or (B, T) with per-token advantages
         k = torch.where(nonneg, k_pos, k_neg).to(log_w.dtype)
         lam = torch.where(nonneg, lambda_pos, lambda_neg).to(log_w.dtype).clamp(min=1e-4)
         phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
