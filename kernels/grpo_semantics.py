@@ -376,8 +376,11 @@ def _reduce_dr_grpo(per_token, maskf, options, num_items_in_batch):
 
 
 def _reduce_dapo(per_token, maskf, options, num_items_in_batch):
-    n = num_items_in_batch if num_items_in_batch is not None else maskf.sum().clamp(min=1.0)
-    return (per_token * maskf).sum() / n
+    if num_items_in_batch is None:
+        n = maskf.sum()
+    else:  # at least 1, as TRL and Liger clamp it: a batch of masked completions gives 0, not NaN
+        n = torch.as_tensor(num_items_in_batch, dtype=per_token.dtype, device=per_token.device)
+    return (per_token * maskf).sum() / n.clamp(min=1.0)
 
 
 def _reduce_luspo(per_token, maskf, options, num_items_in_batch):
