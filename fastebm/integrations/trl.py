@@ -34,6 +34,7 @@ import types
 from typing import Optional
 
 import torch
+from accelerate.utils import is_peft_model
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
@@ -148,7 +149,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         _refuse_args(self.args)        # TRL builds a default GRPOConfig when none is given
         self.fastebm_options = loss_options_from_grpo_config(self.args)
-        policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model  # as TRL patches it
         _refuse_model(self, policy)
         add_fused_logprob_head(policy, self.temperature, fastebm_backend, self.args.cast_lm_head_to_fp32)
 
