@@ -50,7 +50,10 @@ setup(
             "pytest>=8",
             "pytest-benchmark>=5",
             "hypothesis>=6",
-            "trl>=1.10,<2",
+            # The drop-in and FusedGRPOTrainer are tested against these two exactly (issue 15):
+            # fastebm.integrations.trl overrides TRL 1.16's GRPOTrainer._compute_loss.
+            "trl>=1.16,<1.17",
+            "liger-kernel>=0.8.5,<0.9",
             "bert-score>=0.3.13",  # the reference the BERTScore accuracy reward is tested against
             "sentence-transformers>=3",  # the reference the PCG safeguard's embedder is tested against
             "rouge-score>=0.1.2",  # the reference the ROUGE-L accuracy fallback is tested against
@@ -63,6 +66,7 @@ setup(
         "video": ["nvidia-dali-cuda130>=2.4,<2.5"],
         "gpu": ["flash-attn>=2.7"],
         "tensorboard": ["tensorboard>=2.16"],
+        "trl": ["trl>=1.16,<1.17"],  # fastebm.integrations.trl.FusedGRPOTrainer
     },
     entry_points={"console_scripts": ["fastebm=fastebm.cli:main"]},
 )

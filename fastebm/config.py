@@ -279,10 +279,38 @@ class GRPOConfig:
     kl_clamp: Optional[float] = None
     """Clamp the k3 KL's log-ratio (reference - policy log-prob) to [-kl_clamp, kl_clamp] before
     ``exp(d) - d - 1`` (None: off, as TRL; the released run: 10). Outside the range the KL term has no gradient."""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
-    """Loss reduction, as TRL: grpo (token mean per sequence), bnpo, dr_grpo, dapo."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"] = "grpo"
+    """Loss, as TRL 1.16 (docs/kernels.md has the formulas): grpo (token mean per sequence), bnpo, dr_grpo,
+    dapo (clipped surrogate, different reductions); cispo (clipped ratio as a REINFORCE weight; set
+    ``epsilon_high`` to its cap, e.g. 5.0); sapo (soft gate, ``sapo_temperature_*``); luspo (length-weighted
+    sequences, meant for importance_sampling_level = "sequence"); vespo (gamma-weighted sequences, ``vespo_*``)."""
     importance_sampling_level: Literal["token", "sequence"] = "token"
     """Importance ratio per token (GRPO) or per sequence (GSPO)."""
+    use_bias_correction_kl: bool = False
+    """Multiply the k3 KL by the importance ratio (DeepSeek-V3.2's unbiased KL gradient); TRL 1.16 defaults
+    to true. Only matters with beta != 0."""
+    sapo_temperature_pos: float = 1.0
+    """sapo: temperature of the soft gate where the advantage is positive."""
+    sapo_temperature_neg: float = 1.05
+    """sapo: temperature of the soft gate where the advantage is zero or negative."""
+    vespo_k_pos: float = 2.0
+    """vespo: power k of the gamma weight for advantages >= 0."""
+    vespo_lambda_pos: float = 3.0
+    """vespo: decay lambda of the gamma weight for advantages >= 0."""
+    vespo_k_neg: float = 3.0
+    """vespo: power k of the gamma weight for negative advantages."""
+    vespo_lambda_neg: float = 2.0
+    """vespo: decay lambda of the gamma weight for negative advantages."""
+    top_entropy_quantile: float = 1.0
+    """Train only on the tokens whose entropy is in the top quantile of each micro-batch (0.2 in "Beyond the
+    80/20 rule"; 1.0: every token). The entropies come from the fused forward, no extra pass."""
+    off_policy_mask_threshold: Optional[float] = None
+    """Drop sequences with a negative advantage whose mean (rollout - current) log-prob exceeds this
+    (DeepSeek-V3.2's off-policy sequence mask; the rollout's log-probs where it has them, else the old ones).
+    None: off."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit ``rollout.max_new_tokens`` without EOS out of the loss (DAPO); they still
+    count for the advantages of their group, as in TRL."""
     mu: int = 1
     """Optimisation passes over each rollout batch (>1 needs old log-probs and makes the clip active)."""
     kernel: Literal["fused", "eager"] = "fused"
@@ -617,6 +645,14 @@ RANGES: dict[str, str] = {
     "grpo.delta": "> 0",
     "grpo.mu": ">= 1",
     "grpo.kl_clamp": "> 0",
+    "grpo.sapo_temperature_pos": "> 0",
+    "grpo.sapo_temperature_neg": "> 0",
+    "grpo.vespo_k_pos": "any",
+    "grpo.vespo_lambda_pos": "any",
+    "grpo.vespo_k_neg": "any",
+    "grpo.vespo_lambda_neg": "any",
+    "grpo.top_entropy_quantile": "[0, 1]",
+    "grpo.off_policy_mask_threshold": "any",
     "train.steps": ">= 0",
     "train.prompts_per_step": ">= 1",
     "train.micro_batch_size": ">= 1",

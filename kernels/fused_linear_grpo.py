@@ -10,12 +10,15 @@ forward; the recomputed tiles, d hidden and d weight in the backward) runs in th
 What is left is O(B * T): ratio, clip, k3 KL, per-token loss and the loss-type reduction on the
 fp32 per-token log-probs, done by ``grpo_semantics.grpo_loss_from_logps`` — the single home of
 the TRL-exact semantics. Autograd turns that into one per-token upstream scalar dL/dlogp, which the
-backward kernel folds into its recomputed tiles. (Sequence-level importance sampling needs a
-per-sequence reduction of the log-ratios before any token's loss is known, which is why this
-epilogue is not inside the vocabulary kernel.)
+backward kernel folds into its recomputed tiles. (Sequence-level importance sampling, VESPO's
+weights and the off-policy mask need per-sequence reductions of the log-ratios, and
+``top_entropy_quantile`` a batch quantile of the entropies, before any token's loss is known, which
+is why this epilogue is not inside the vocabulary kernel. The entropies themselves come out of the
+same forward pass as the log-probs.)
 
-``FusedLinearGRPOLoss`` is a drop-in for Liger's ``LigerFusedLinearGRPOLoss`` (same constructor
-and forward keywords, same ``(loss, (kl?, clip_ratio))`` return) for TRL and other GRPO code.
+``FusedLinearGRPOLoss`` is a drop-in for Liger 0.8.5's ``LigerFusedLinearGRPOLoss`` (same
+constructor and forward signatures, same ``(loss, (kl?, clip_ratio))`` return) for other GRPO
+code; ``fastebm.integrations.trl.FusedGRPOTrainer`` is the one for TRL 1.16's ``GRPOTrainer``.
 """
 from __future__ import annotations
 
@@ -24,47 +27,65 @@ from typing import Optional
 
 import torch
 
+from ._backend import resolve_backend
 from .fused_linear_logprobs import linear_logprobs, token_logprobs
-from .grpo_semantics import (LOSS_TYPES, GRPOLossOptions, grpo_loss_from_logps, grpo_loss_reference, loss_metrics,
-                             resolve_options)
+from .grpo_semantics import (GLOBAL_TOKEN_NORMALISED, LOSS_TYPES, GRPOLossOptions, grpo_loss_from_logps,
+                             grpo_loss_reference, loss_metrics, resolve_options)
+
+# Loss types Liger 0.8.5 runs at token level only (TRL 1.16 allows sequence level for them).
+LIGER_TOKEN_ONLY = ("cispo", "sapo", "vespo")
 
 
-def _validate(hidden, weight, token_ids, mask, advantages):
+def _validate(hidden, weight, token_ids, mask, advantages, backend="auto"):
     if hidden.ndim != 3:
         raise ValueError(f"hidden must be (B, T, H), got {tuple(hidden.shape)}")
     if token_ids.shape != hidden.shape[:2] or mask.shape != hidden.shape[:2]:
         raise ValueError(f"token ids {tuple(token_ids.shape)} and mask {tuple(mask.shape)} must be "
                          f"{tuple(hidden.shape[:2])}")
-    if advantages.shape != hidden.shape[:1]:
-        raise ValueError(f"advantages must be (B,) = {tuple(hidden.shape[:1])}, got {tuple(advantages.shape)}")
-    if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"hidden must be bf16, fp16 or fp32, got {hidden.dtype}")
+    if advantages.shape not in (hidden.shape[:1], hidden.shape[:2]):
+        raise ValueError(f"advantages must be (B,) = {tuple(hidden.shape[:1])} or (B, T) = {tuple(hidden.shape[:2])}, "
+                         f"got {tuple(advantages.shape)}")
+    # float64 runs on the chunked PyTorch path only (the float64 parity tests); Triton takes 16/32-bit.
+    lowp = (torch.float16, torch.bfloat16, torch.float32)
+    if hidden.dtype not in lowp and not (hidden.dtype == torch.float64
+                                         and resolve_backend(backend, hidden.device) == "torch"):
+        raise TypeError(f"hidden must be bf16, fp16 or fp32 (float64 with backend='torch'), got {hidden.dtype}")
 
 
 def fused_linear_grpo_loss(hidden, weight, selected_token_ids, attention_mask, advantages,
                            old_per_token_logps=None, ref_per_token_logps=None,
                            options: Optional[GRPOLossOptions] = None, *, num_items_in_batch=None,
-                           vllm_is_ratio=None, bias=None, backend: str = "auto", **option_overrides):
-    """``(loss, metrics)``; metrics: "per_token_logps" (B, T) fp32, "kl" and "clip_ratio" (scalars).
+                           vllm_is_ratio=None, sampling_per_token_logps=None, bias=None, backend: str = "auto",
+                           return_entropy: bool = False, **option_overrides):
+    """``(loss, metrics)``; metrics: "per_token_logps" (B, T) fp32, "kl" and "clip_ratio" (scalars),
+    and "entropy" (B, T) when computed (``return_entropy`` or ``top_entropy_quantile < 1``).
 
     Differentiable in ``hidden``, ``weight`` (and ``bias``). The loss settings are ``options``; any
     ``GRPOLossOptions`` field may also be given as a keyword (``beta=0.04, loss_type="dapo"``),
-    applied over ``options``. Loss types and reductions exactly as ``grpo_semantics`` (TRL's
-    GRPOTrainer) defines them.
+    applied over ``options``. Loss types, options and reductions exactly as ``grpo_semantics`` (TRL's
+    GRPOTrainer) defines them. The per-token entropy comes from the same vocabulary pass as the
+    log-probs (no second pass, no logits); ``sampling_per_token_logps`` (B, T) feeds
+    ``off_policy_mask_threshold`` (default: the old log-probs).
     """
     options = resolve_options(options, option_overrides, "fused_linear_grpo_loss")
-    _validate(hidden, weight, selected_token_ids, attention_mask, advantages)
-    logps = linear_logprobs(hidden, weight, selected_token_ids, options.temperature, bias=bias, backend=backend)
+    _validate(hidden, weight, selected_token_ids, attention_mask, advantages, backend)
+    entropies = None
+    if return_entropy or options.top_entropy_quantile < 1.0:
+        logps, entropies = linear_logprobs(hidden, weight, selected_token_ids, options.temperature, bias=bias,
+                                           backend=backend, return_entropy=True)
+    else:
+        logps = linear_logprobs(hidden, weight, selected_token_ids, options.temperature, bias=bias, backend=backend)
     out = grpo_loss_from_logps(logps, old_per_token_logps, ref_per_token_logps, advantages, attention_mask,
-                               options, num_items_in_batch=num_items_in_batch, vllm_is_ratio=vllm_is_ratio)
+                               options, num_items_in_batch=num_items_in_batch, vllm_is_ratio=vllm_is_ratio,
+                               entropies=entropies, sampling_logps=sampling_per_token_logps)
     return out.loss, loss_metrics(out)
 
 
 def fused_linear_grpo_loss_ref(hidden, weight, selected_token_ids, attention_mask, advantages,
                                old_per_token_logps=None, ref_per_token_logps=None,
                                options: Optional[GRPOLossOptions] = None, *, num_items_in_batch=None,
-                               vllm_is_ratio=None, bias=None, backend: str = "auto", upcast: bool = False,
-                               **option_overrides):
+                               vllm_is_ratio=None, sampling_per_token_logps=None, bias=None, backend: str = "auto",
+                               return_entropy: bool = False, upcast: bool = False, **option_overrides):
     """Plain torch (``grpo_semantics.grpo_loss_reference``); ``upcast=True`` runs in float64."""
     del backend
     options = resolve_options(options, option_overrides, "fused_linear_grpo_loss_ref")
@@ -74,7 +95,8 @@ def fused_linear_grpo_loss_ref(hidden, weight, selected_token_ids, attention_mas
         hidden, weight = hidden.double(), weight.double()
     out = grpo_loss_reference(hidden, weight, selected_token_ids, attention_mask, advantages, old_per_token_logps,
                               ref_per_token_logps, options, num_items_in_batch=num_items_in_batch,
-                              vllm_is_ratio=vllm_is_ratio)
+                              vllm_is_ratio=vllm_is_ratio, sampling_logps=sampling_per_token_logps,
+                              return_entropy=return_entropy)
     return out.loss, loss_metrics(out)
 
 
@@ -85,34 +107,51 @@ def _world_size() -> int:
 
 
 class FusedLinearGRPOLoss(torch.nn.Module):
-    """Drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss`` (grpo, bnpo, dr_grpo, dapo).
+    """Drop-in for Liger 0.8.5's ``liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss``.
 
-    ``forward`` takes Liger's keywords and returns ``(loss, metrics)`` with metrics
-    ``(mean k3 KL, clip ratio)`` when ``beta != 0`` and ``(clip ratio,)`` otherwise, as Liger does.
-    ``compiled`` and ``chunk_size`` are accepted and ignored (nothing here is compiled or chunked by
-    the caller). Like Liger and TRL, dapo divides ``num_items_in_batch`` (or, without it, the
-    all-reduced token count) by the world size.
+    The same constructor (same keywords, same positional order, same defaults: ``loss_type="dapo"``,
+    ``use_bias_correction_kl=False``) and the same ``forward`` keywords; returns ``(loss, metrics)``
+    with metrics ``(mean k3 KL, clip ratio)`` when ``beta != 0`` and ``(clip ratio,)`` otherwise, as
+    Liger does. Every loss type (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo), token and
+    sequence importance sampling, ``delta``, ``use_bias_correction_kl``, ``vllm_is_ratio``, the SAPO
+    and VESPO knobs and ``num_items_in_batch``. Combinations Liger refuses are refused here too, with
+    a ``ValueError`` naming the keyword, but at construction rather than on the first forward
+    (sequence-level importance sampling with cispo / sapo / vespo; a non-positive SAPO temperature or
+    ``delta``; dr_grpo without ``max_completion_length``). ``compiled`` and ``chunk_size`` are
+    accepted and ignored (nothing here is compiled or chunked by the caller). ``backend`` (keyword
+    only) is fastebm's. Like Liger and TRL, dapo / cispo / vespo divide ``num_items_in_batch`` (or,
+    without it, the all-reduced token count) by the world size.
+
+    One deliberate difference: luspo follows TRL 1.16 (mean over sequences of the masked per-token
+    loss sum), where Liger 0.8.5 multiplies the unmasked per-token loss by the sequence lengths and
+    divides by B * T; the two agree only when the per-token loss is one value per sequence
+    (sequence-level importance sampling, beta = 0, no vllm_is_ratio per token).
     """
 
     def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True,
                  chunk_size: int = 1, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
                  loss_type: str = "dapo", max_completion_length: Optional[int] = None,
-                 importance_sampling_level: str = "token", temperature: float = 1.0,
-                 delta: Optional[float] = None, use_bias_correction_kl: bool = False,
-                 backend: str = "auto", **unsupported):
+                 importance_sampling_level: str = "token", sapo_temperature_pos: float = 1.0,
+                 sapo_temperature_neg: float = 1.05, temperature: float = 1.0, delta: Optional[float] = None,
+                 use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
+                 vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, *, backend: str = "auto"):
         super().__init__()
         if loss_type not in LOSS_TYPES:
-            raise ValueError(f"FusedLinearGRPOLoss supports loss types {LOSS_TYPES}, got {loss_type!r}")
-        if use_bias_correction_kl:
-            raise NotImplementedError("use_bias_correction_kl is not supported")
-        # Liger's SAPO/VESPO knobs mean nothing for the supported loss types: accept, ignore.
-        del compiled, chunk_size, unsupported
-        # The settings, checked once here. Without reference log-probs forward runs with beta = 0.
+            raise ValueError(f"FusedLinearGRPOLoss: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if importance_sampling_level == "sequence" and loss_type in LIGER_TOKEN_ONLY:
+            raise ValueError(f"FusedLinearGRPOLoss: importance_sampling_level='sequence' is not supported for "
+                             f"loss_type={loss_type!r} (as in Liger); use importance_sampling_level='token'")
+        # The settings, checked once here (a bad value is a ValueError naming its keyword, e.g.
+        # "GRPOLossOptions.delta must be ..."). Without reference log-probs forward runs with beta = 0.
         self.options = GRPOLossOptions(
             beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, temperature=temperature,
             loss_type=loss_type, importance_sampling_level=importance_sampling_level, delta=delta,
-            max_completion_length=max_completion_length)
+            max_completion_length=max_completion_length, use_bias_correction_kl=use_bias_correction_kl,
+            sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+            vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+            vespo_lambda_neg=vespo_lambda_neg)
         self._options_without_kl = dataclasses.replace(self.options, beta=0.0)
+        self.compiled, self.chunk_size = compiled, chunk_size  # Liger's attributes; unused here
         self.use_ref_model, self.backend = use_ref_model, backend
 
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
@@ -125,10 +164,10 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                     ref_input, ref_weight if ref_weight is not None else lin_weight, selected_token_ids,
                     options.temperature, bias=ref_bias, backend=self.backend)
             else:
-                # Liger falls back to ref = logp.detach(): KL and its gradient are then exactly 0.
+                # Liger's loss falls back to ref = logp.detach(): KL and its gradient are then exactly 0.
                 options = self._options_without_kl
-        world = _world_size()
-        if options.loss_type == "dapo":
+        if options.loss_type in GLOBAL_TOKEN_NORMALISED:
+            world = _world_size()
             if num_items_in_batch is None:
                 n = attention_mask.to(torch.float32).sum()
                 if world > 1:

@@ -367,18 +367,25 @@ def linear_logprob_bwd_torch(hidden2d, weight, ids, bias, lse, grad_logp, temper
 
 
 class LinearLogprobFunction(torch.autograd.Function):
-    """logp (N,) fp32 of hidden2d @ weight.T (+ bias) / T; saves only inputs and lse (N,)."""
+    """logp (N,) fp32 of hidden2d @ weight.T (+ bias) / T; saves only inputs and lse (N,).
+
+    ``with_entropy``: also the per-token entropy (N,), from the same forward pass (the kernels'
+    running sum of p * z), as a second output that carries no gradient (top_entropy_quantile's mask
+    and the entropy metric need its value only)."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, ids, bias, temperature, backend):
+    def forward(ctx, hidden2d, weight, ids, bias, temperature, backend, with_entropy=False):
         fwd = linear_logprob_fwd_triton if backend == "triton" else linear_logprob_fwd_torch
-        logp, lse, _ = fwd(hidden2d, weight, ids, bias, temperature)
+        logp, lse, entropy = fwd(hidden2d, weight, ids, bias, temperature, with_entropy)
         ctx.save_for_backward(hidden2d, weight, ids, bias, lse)
         ctx.temperature, ctx.backend = temperature, backend
+        if with_entropy:
+            ctx.mark_non_differentiable(entropy)
+            return logp, entropy
         return logp
 
     @staticmethod
-    def backward(ctx, grad_logp):
+    def backward(ctx, grad_logp, *_grad_entropy):  # the entropy output has no gradient
         hidden2d, weight, ids, bias, lse = ctx.saved_tensors
         bwd = linear_logprob_bwd_triton if ctx.backend == "triton" else linear_logprob_bwd_torch
         dx, dw, db = bwd(hidden2d, weight, ids, bias, lse, grad_logp, ctx.temperature,
@@ -387,17 +394,22 @@ class LinearLogprobFunction(torch.autograd.Function):
                 dw.to(weight.dtype) if dw is not None else None,
                 None,
                 db.to(bias.dtype) if db is not None else None,
-                None, None)
+                None, None, None)
 
 
 def linear_logprobs(hidden, weight, token_ids, temperature: float = 1.0, bias=None,
-                    backend: str = "auto") -> torch.Tensor:
-    """Differentiable log-probs (..., ) fp32 for hidden (..., H); used by the GRPO losses."""
+                    backend: str = "auto", return_entropy: bool = False):
+    """Differentiable log-probs (..., ) fp32 for hidden (..., H); used by the GRPO losses.
+
+    ``return_entropy``: ``(logp, entropy)``, the entropy (..., ) from the same forward pass, without
+    gradient."""
     lead = hidden.shape[:-1]
     b = resolve_backend(backend, hidden.device)
-    logp = LinearLogprobFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                       token_ids.reshape(-1), bias, float(temperature), b)
-    return logp.view(lead)
+    out = LinearLogprobFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                      token_ids.reshape(-1), bias, float(temperature), b, bool(return_entropy))
+    if return_entropy:
+        return out[0].view(lead), out[1].view(lead)
+    return out.view(lead)
 
 
 @torch.no_grad()

@@ -171,9 +171,26 @@ class LogitsLogprobFunction(torch.autograd.Function):
         return bwd(logits, ids, lse, grad_logp, ctx.temperature), None, None, None
 
 
+def logits_entropy(logits, temperature=1.0):
+    """No-grad entropy (B, T) of softmax(logits / T), CHUNK_ROWS rows at a time (fp32 at least).
+
+    Only ``top_entropy_quantile < 1`` (or ``return_entropy``) asks for it: one extra read of the
+    logits the caller already holds."""
+    B, T, V = logits.shape
+    flat = logits.detach().reshape(B * T, V)
+    cd = torch.promote_types(logits.dtype, torch.float32)
+    out = torch.empty(B * T, device=logits.device, dtype=cd)
+    with torch.no_grad():
+        for s in range(0, B * T, CHUNK_ROWS):
+            lp = torch.log_softmax(flat[s:s + CHUNK_ROWS].to(cd) / temperature, -1)
+            out[s:s + CHUNK_ROWS] = -(lp.exp() * lp).sum(-1)
+    return out.view(B, T)
+
+
 def grpo_loss(logits, selected_token_ids, attention_mask, advantages, old_per_token_logps=None,
               ref_per_token_logps=None, options: Optional[GRPOLossOptions] = None, *, num_items_in_batch=None,
-              vllm_is_ratio=None, backend: str = "auto", **option_overrides):
+              vllm_is_ratio=None, sampling_per_token_logps=None, backend: str = "auto", return_entropy: bool = False,
+              **option_overrides):
     """``(loss, metrics)`` from logits (B, T, V) of the completion tokens (already aligned with ids).
 
     Same options, keywords and metrics as ``fused_linear_grpo_loss``; differentiable in ``logits``.
@@ -183,21 +200,31 @@ def grpo_loss(logits, selected_token_ids, attention_mask, advantages, old_per_to
         raise ValueError(f"logits {tuple(logits.shape)} do not match ids {tuple(selected_token_ids.shape)}")
     b = resolve_backend(backend, logits.device)
     logps = LogitsLogprobFunction.apply(logits, selected_token_ids, float(options.temperature), b)
+    entropies = None
+    if return_entropy or options.top_entropy_quantile < 1.0:
+        entropies = logits_entropy(logits, options.temperature)
     out = grpo_loss_from_logps(logps, old_per_token_logps, ref_per_token_logps, advantages, attention_mask,
-                               options, num_items_in_batch=num_items_in_batch, vllm_is_ratio=vllm_is_ratio)
+                               options, num_items_in_batch=num_items_in_batch, vllm_is_ratio=vllm_is_ratio,
+                               entropies=entropies, sampling_logps=sampling_per_token_logps)
     return out.loss, loss_metrics(out)
 
 
 def grpo_loss_ref(logits, selected_token_ids, attention_mask, advantages, old_per_token_logps=None,
                   ref_per_token_logps=None, options: Optional[GRPOLossOptions] = None, *, num_items_in_batch=None,
-                  vllm_is_ratio=None, backend: str = "auto", upcast: bool = False, **option_overrides):
+                  vllm_is_ratio=None, sampling_per_token_logps=None, backend: str = "auto",
+                  return_entropy: bool = False, upcast: bool = False, **option_overrides):
     """Plain torch: log_softmax over the full logits; ``upcast=True`` runs in float64."""
     del backend
     options = resolve_options(options, option_overrides, "grpo_loss_ref")
     if upcast:
         logits = logits.double()
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / options.temperature
-    logps = torch.log_softmax(z, -1).gather(-1, selected_token_ids[..., None]).squeeze(-1)
+    logprobs = torch.log_softmax(z, -1)
+    logps = logprobs.gather(-1, selected_token_ids[..., None]).squeeze(-1)
+    entropies = None
+    if return_entropy or options.top_entropy_quantile < 1.0:
+        entropies = -(logprobs.exp() * logprobs).sum(-1).detach()
     out = grpo_loss_from_logps(logps, old_per_token_logps, ref_per_token_logps, advantages, attention_mask,
-                               options, num_items_in_batch=num_items_in_batch, vllm_is_ratio=vllm_is_ratio)
+                               options, num_items_in_batch=num_items_in_batch, vllm_is_ratio=vllm_is_ratio,
+                               entropies=entropies, sampling_logps=sampling_per_token_logps)
     return out.loss, loss_metrics(out)

@@ -41,7 +41,7 @@ def tree(tmp_path):
 def test_contracts_hold(tree):
     res = lint(tree)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "2 kept, 0 broken" in res.stdout
+    assert "3 kept, 0 broken" in res.stdout
 
 
 def test_an_upward_import_breaks_the_layers(tree):
@@ -62,3 +62,11 @@ def test_kernels_importing_fastebm_breaks_the_contract(tree):
     res = lint(tree)
     assert res.returncode == 1
     assert "kernels/ imports nothing from fastebm" in res.stdout and "kernels._backend -> fastebm.utils" in res.stdout
+
+
+def test_integrations_importing_the_trainer_breaks_the_contract(tree):
+    add_import(os.path.join(tree, "fastebm", "integrations", "trl.py"), "import fastebm.grpo.loss  # the trainer's")
+    res = lint(tree)
+    assert res.returncode == 1
+    assert "fastebm.integrations needs only fastebm.kernels" in res.stdout
+    assert "fastebm.integrations.trl -> fastebm.grpo.loss" in res.stdout

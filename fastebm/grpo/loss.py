@@ -8,8 +8,9 @@
 weight, never logits. ``kernel="fused"`` runs ``fastebm.kernels.fused_linear_grpo_loss`` (Triton on
 CUDA, a memory-bounded path elsewhere); ``kernel="eager"`` runs the kernels' plain-torch reference
 ``grpo_loss_reference``, chunked over tokens so that full (tokens x vocabulary) logits are never
-held at once either. Both finish through ``fastebm.kernels.grpo_loss_from_logps``: TRL's loss
-types, reductions, clipping and k3 KL, defined once (see kernels/grpo_semantics.py).
+held at once either. Both finish through ``fastebm.kernels.grpo_loss_from_logps``: TRL 1.16's loss
+types and options (clipping, delta, k3 KL and its bias correction, cispo / sapo / luspo / vespo,
+the entropy quantile, the off-policy mask), defined once (see kernels/grpo_semantics.py).
 """
 from __future__ import annotations
 
@@ -25,29 +26,38 @@ KERNELS = ("fused", "eager")
 
 def loss_options(grpo_cfg: GRPOConfig, temperature: float, max_completion_length: int) -> GRPOLossOptions:
     """The loss settings of the ``[grpo]`` section, with the log-prob ``temperature`` (the rollout's,
-    1 when greedy) and dr_grpo's normaliser ``max_completion_length`` (``rollout.max_new_tokens``)."""
+    1 when greedy) and dr_grpo's normaliser ``max_completion_length`` (``rollout.max_new_tokens``).
+    (``mask_truncated_completions`` is applied by the trainer to the mask, not by the loss.)"""
+    g = grpo_cfg
     return GRPOLossOptions(
-        beta=grpo_cfg.beta, epsilon_low=grpo_cfg.epsilon_low, epsilon_high=grpo_cfg.epsilon_high,
-        temperature=temperature, loss_type=grpo_cfg.loss_type,
-        importance_sampling_level=grpo_cfg.importance_sampling_level, delta=grpo_cfg.delta,
-        max_completion_length=max_completion_length, kl_clamp=grpo_cfg.kl_clamp)
+        beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, temperature=temperature,
+        loss_type=g.loss_type, importance_sampling_level=g.importance_sampling_level, delta=g.delta,
+        max_completion_length=max_completion_length, use_bias_correction_kl=g.use_bias_correction_kl,
+        sapo_temperature_pos=g.sapo_temperature_pos, sapo_temperature_neg=g.sapo_temperature_neg,
+        vespo_k_pos=g.vespo_k_pos, vespo_lambda_pos=g.vespo_lambda_pos, vespo_k_neg=g.vespo_k_neg,
+        vespo_lambda_neg=g.vespo_lambda_neg, top_entropy_quantile=g.top_entropy_quantile,
+        off_policy_mask_threshold=g.off_policy_mask_threshold, kl_clamp=g.kl_clamp)
 
 
 def compute_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor,
                       advantages: torch.Tensor, old_logps: Optional[torch.Tensor], ref_logps: Optional[torch.Tensor],
-                      options: GRPOLossOptions, *, kernel: str = "fused", num_items_in_batch=None) -> LossOutput:
+                      options: GRPOLossOptions, *, kernel: str = "fused", num_items_in_batch=None,
+                      sampling_logps: Optional[torch.Tensor] = None) -> LossOutput:
     """The trainer's single entry point: the fused kernels or the plain-torch eager path.
 
     hidden (B, T, H), weight (V, H), token_ids / mask / old_logps / ref_logps (B, T), advantages (B,);
-    ``num_items_in_batch``: dapo's global count of completion tokens.
+    ``num_items_in_batch``: the global count of completion tokens (dapo, cispo, vespo);
+    ``sampling_logps`` (B, T): the rollout's own log-probs, for ``off_policy_mask_threshold``.
     """
     if not isinstance(options, GRPOLossOptions):
         raise TypeError(f"options must be a GRPOLossOptions (see loss_options), got {type(options).__name__}")
     if kernel == "eager":
         return grpo_loss_reference(hidden, weight, token_ids, mask, advantages, old_logps, ref_logps, options,
-                                   num_items_in_batch=num_items_in_batch)
+                                   num_items_in_batch=num_items_in_batch, sampling_logps=sampling_logps)
     if kernel == "fused":
         loss, metrics = fused_linear_grpo_loss(hidden, weight, token_ids, mask, advantages, old_logps, ref_logps,
-                                               options, num_items_in_batch=num_items_in_batch)
-        return LossOutput(loss, metrics["per_token_logps"].detach(), metrics["kl"], metrics["clip_ratio"])
+                                               options, num_items_in_batch=num_items_in_batch,
+                                               sampling_per_token_logps=sampling_logps)
+        return LossOutput(loss, metrics["per_token_logps"].detach(), metrics["kl"], metrics["clip_ratio"],
+                          metrics.get("entropy"))
     raise ValueError(f"grpo.kernel must be one of {KERNELS}, got {kernel!r}")

@@ -21,7 +21,8 @@ One step, top to bottom (``Trainer.train_step``):
 
 Where it departs from textbook GRPO: the rewards are z-normalised per reward within the group
 before weighting (``rewards.normalize = "per_reward"``, EBM-RL); the KL is k3 against a frozen
-reference; loss reductions follow TRL's loss types.
+reference; the loss follows TRL 1.16's loss types and options (``[grpo]``, docs/kernels.md).
+``top_entropy_quantile`` takes its quantile per micro-batch.
 """
 from __future__ import annotations
 
@@ -342,10 +343,16 @@ class Trainer:
         cfg, g = self.cfg, self.cfg.grpo
         model = self.policy.model
         comps = roll.completion_ids
+        # grpo.mask_truncated_completions: a completion cut at max_new_tokens trains no token (DAPO).
+        trains = [not (g.mask_truncated_completions and t) for t in roll.truncated]
         # Normalisers are GLOBAL (all ranks' sequences / completion tokens); FSDP sums the gradients.
-        N, total_tokens = (int(x) for x in self.dist.all_reduce_sum(len(comps), sum(len(c) for c in comps)))
+        N, total_tokens = (int(x) for x in self.dist.all_reduce_sum(
+            len(comps), sum(len(c) for c, keep in zip(comps, trains) if keep)))
         losses, kls, clips, gnorms, prefix = [], [], [], [], 0
         options = loss_options(g, temperature, cfg.rollout.max_new_tokens)
+        # The off-policy mask compares with the rollout's own log-probs where it has them (else the old ones).
+        sampling = pad_rows(roll.logprobs, self.device) if (g.off_policy_mask_threshold is not None
+                                                            and roll.logprobs is not None) else None
         for _ in range(g.mu):
             step_loss, kl_sum, clip_sum = 0.0, 0.0, 0.0
             for idx in self._micro_batches(len(comps)):
@@ -354,13 +361,19 @@ class Trainer:
                 prefix += cb.num_prompt_tokens
                 Tc = cb.ids.shape[1]
                 sl = lambda x: None if x is None else x[idx, :Tc]  # noqa: E731
+                mask = cb.mask * torch.tensor([trains[i] for i in idx], device=cb.mask.device,
+                                              dtype=cb.mask.dtype)[:, None]
                 out = compute_grpo_loss(
-                    cb.hidden, lm_head_weight(model), cb.ids, cb.mask, advantages[idx], sl(old_logps), sl(ref_logps),
-                    options, kernel=g.kernel, num_items_in_batch=total_tokens)
-                mb_tokens = int(cb.mask.sum())
-                # Scale each micro-batch so that the accumulated gradient is that of the whole batch.
-                scale = {"grpo": len(idx) / N, "dr_grpo": len(idx) / N,
-                         "bnpo": mb_tokens / max(1, total_tokens), "dapo": 1.0}[g.loss_type]
+                    cb.hidden, lm_head_weight(model), cb.ids, mask, advantages[idx], sl(old_logps), sl(ref_logps),
+                    options, kernel=g.kernel, num_items_in_batch=total_tokens, sampling_logps=sl(sampling))
+                mb_tokens = int(mask.sum())
+                # Scale each micro-batch so that the accumulated gradient is that of the whole batch:
+                # per-sequence means (grpo, sapo, luspo) and dr_grpo's constant by the micro-batch's share of
+                # the sequences, bnpo by its share of the tokens; dapo / cispo / vespo already divide by
+                # the global token count.
+                scale = {"grpo": len(idx) / N, "sapo": len(idx) / N, "luspo": len(idx) / N, "dr_grpo": len(idx) / N,
+                         "bnpo": mb_tokens / max(1, total_tokens), "dapo": 1.0, "cispo": 1.0,
+                         "vespo": 1.0}[g.loss_type]
                 loss = out.loss * scale
                 if not torch.isfinite(loss):
                     raise TrainingError(

@@ -47,3 +47,63 @@ def make_batch(B, T, H, V, dtype=torch.float32, seed=0, old=True, ref=True, mask
                 old=old_lp, ref=ref_lp)
 
 
+
+
+def trl_compute_loss(hidden, weight, ids, mask, adv, old, ref, options, *, num_items_in_batch=None,
+                     vllm_is_ratio=None, sampling_logps=None):
+    """TRL 1.16's own ``GRPOTrainer._compute_loss`` on one process, its log-probs (and entropies)
+    from full logits of ``hidden @ weight.T / temperature`` in the inputs' dtype: the plain-torch
+    reference of the loss semantics, independent of fastebm's code. The trainer attributes it reads
+    are set from ``options`` (a GRPOLossOptions); the accelerator is the one-process identity.
+
+    Returns (loss, d hidden, d weight, TRL's logged metrics {name: value}).
+    """
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl import GRPOTrainer
+
+    o = options
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+
+    def per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, **kw):
+        logprobs = torch.log_softmax((h @ w.t()) / o.temperature, -1)
+        lp = logprobs.gather(-1, ids[..., None]).squeeze(-1)
+        return lp, -(logprobs.exp() * logprobs).sum(-1).detach(), None
+
+    acc = SimpleNamespace(num_processes=1, gather=lambda x: x, gather_for_metrics=lambda x: x,
+                          reduce=lambda x, reduction="sum": x, sync_gradients=True,
+                          pad_across_processes=lambda x, dim=0, pad_index=0: x)
+    args = SimpleNamespace(use_bias_correction_kl=o.use_bias_correction_kl, delta=o.delta, steps_per_generation=1,
+                           sapo_temperature_pos=o.sapo_temperature_pos, sapo_temperature_neg=o.sapo_temperature_neg,
+                           vespo_k_pos=o.vespo_k_pos, vespo_lambda_pos=o.vespo_lambda_pos,
+                           vespo_k_neg=o.vespo_k_neg, vespo_lambda_neg=o.vespo_lambda_neg)
+    stub = SimpleNamespace(
+        loss_type=o.loss_type, importance_sampling_level=o.importance_sampling_level, beta=o.beta,
+        epsilon_low=o.epsilon_low, epsilon_high=o.epsilon_high, max_completion_length=o.max_completion_length,
+        args=args, accelerator=acc, model=SimpleNamespace(training=True),
+        top_entropy_quantile=o.top_entropy_quantile, off_policy_mask_threshold=o.off_policy_mask_threshold,
+        use_vllm=vllm_is_ratio is not None, vllm_importance_sampling_correction=vllm_is_ratio is not None,
+        current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        _metrics={"train": defaultdict(list)}, get_gamma_weights=GRPOTrainer.get_gamma_weights,
+        get_off_policy_mask=GRPOTrainer.get_off_policy_mask,
+        _get_per_token_logps_and_entropies=per_token_logps_and_entropies)
+    stub.get_high_entropy_mask = lambda e, m, t: GRPOTrainer.get_high_entropy_mask(stub, e, m, t)
+    B = ids.shape[0]
+    if num_items_in_batch is None:
+        num_items_in_batch = mask.sum()
+    inputs = dict(prompt_ids=torch.zeros(B, 2, dtype=torch.long), prompt_mask=torch.ones(B, 2),
+                  completion_ids=ids, completion_mask=mask, advantages=adv,
+                  num_items_in_batch=torch.as_tensor(num_items_in_batch, dtype=torch.float64))
+    if old is not None:
+        inputs["old_per_token_logps"] = old
+    if ref is not None:
+        inputs["ref_per_token_logps"] = ref
+    if vllm_is_ratio is not None:
+        inputs["importance_sampling_ratio"] = vllm_is_ratio
+    if sampling_logps is not None:
+        inputs["sampling_per_token_logps"] = sampling_logps
+    loss = GRPOTrainer._compute_loss(stub, None, inputs)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad, {k: v[-1] for k, v in stub._metrics["train"].items()}

@@ -109,6 +109,42 @@ def test_config_choices_are_kernel_choices():
     hints = typing.get_type_hints(GRPOConfig)
     assert set(typing.get_args(hints["loss_type"])) <= set(LOSS_TYPES)
     assert set(typing.get_args(hints["importance_sampling_level"])) <= set(IS_LEVELS)
+    # ... and since issue 15 the section offers all of them (TRL 1.16's eight loss types)
+    assert set(typing.get_args(hints["loss_type"])) == set(LOSS_TYPES)
+
+
+def test_every_loss_option_is_in_the_grpo_section_and_mapped():
+    # Each GRPOLossOptions field but the two the trainer derives (temperature from the rollout,
+    # max_completion_length from rollout.max_new_tokens) is a [grpo] field of the same name, and
+    # loss_options carries a non-default value of it through.
+    derived = {"temperature", "max_completion_length"}
+    names = [f.name for f in dataclasses.fields(GRPOLossOptions) if f.name not in derived]
+    grpo_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    assert set(names) <= grpo_fields, sorted(set(names) - grpo_fields)
+    odd = dict(beta=0.07, epsilon_low=0.11, epsilon_high=0.33, loss_type="vespo", importance_sampling_level="sequence",
+               delta=1.7, use_bias_correction_kl=True, sapo_temperature_pos=0.6, sapo_temperature_neg=1.6,
+               vespo_k_pos=1.1, vespo_lambda_pos=2.2, vespo_k_neg=3.3, vespo_lambda_neg=4.4, top_entropy_quantile=0.25,
+               off_policy_mask_threshold=0.5, kl_clamp=7.5)
+    assert set(odd) == set(names)
+    opts = loss_options(GRPOConfig(**odd), 0.9, 32)
+    for name, value in odd.items():
+        assert getattr(opts, name) == value != getattr(GRPOLossOptions(), name), name
+    assert (opts.temperature, opts.max_completion_length) == (0.9, 32)
+    # the defaults stay EBM-RL's recipe setting (grpo, token level, no bias correction, every token)
+    d = loss_options(GRPOConfig(), 1.0, 8)
+    assert (d.loss_type, d.importance_sampling_level, d.use_bias_correction_kl, d.top_entropy_quantile,
+            d.off_policy_mask_threshold) == ("grpo", "token", False, 1.0, None)
+
+
+@pytest.mark.parametrize("key,value,msg", [("grpo.top_entropy_quantile", "1.5", "must be in"),
+                                           ("grpo.sapo_temperature_neg", "0.0", "must be > 0"),
+                                           ("grpo.loss_type", "ppo", "one of"),
+                                           ("grpo.delta", "-1.0", "must be > 0")])
+def test_bad_grpo_option_names_the_key(key, value, msg, tmp_path):
+    from fastebm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"{key}.*{msg}"):
+        load_config(None, [f"{key}={value}", "model.tiny=qwen2vl"])
 
 
 def test_compute_grpo_loss_takes_options_only():
@@ -129,7 +165,8 @@ def test_compute_grpo_loss_takes_options_only():
 def test_module_builds_its_options_once():
     mod = FusedLinearGRPOLoss(beta=0.0, epsilon_high=0.28, loss_type="bnpo", temperature=0.9, backend="torch")
     assert mod.options == GRPOLossOptions(beta=0.0, epsilon_high=0.28, loss_type="bnpo", temperature=0.9)
-    with pytest.raises(ValueError, match="FusedLinearGRPOLoss supports loss types"):
-        FusedLinearGRPOLoss(loss_type="cispo")
+    # cispo is supported since issue 15; an unknown loss type is still refused, naming the keyword
+    with pytest.raises(ValueError, match="FusedLinearGRPOLoss: loss_type must be one of"):
+        FusedLinearGRPOLoss(loss_type="ppo")
     with pytest.raises(ValueError, match="GRPOLossOptions.delta"):
         FusedLinearGRPOLoss(delta=-1.0)
