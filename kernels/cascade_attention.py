@@ -30,7 +30,7 @@ from typing import Sequence, Union
 
 import torch
 
-from ._backend import resolve_backend
+from ._backend import launch, resolve_backend
 
 try:
     import triton
@@ -164,13 +164,13 @@ def cascade_attention_triton(q, prefix_k, prefix_v, prefix_len: Lengths, suffix_
     BLOCK_N = 64 if Pmax >= 64 else max(16, triton.next_power_of_2(Pmax))
     o_p = torch.empty((B * Hkv, M, D), device=q.device, dtype=torch.float32)
     lse_p = torch.empty((B * Hkv, M), device=q.device, dtype=torch.float32)
-    _prefix_phase_kernel[(B * Hkv, triton.cdiv(M, BLOCK_M))](
+    launch(_prefix_phase_kernel, (B * Hkv, triton.cdiv(M, BLOCK_M)),
         q, prefix_k, prefix_v, lens_t, o_p, lse_p, G, Hkv, M, D, groups, scale,
         q.stride(0), q.stride(1), prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         o_p.stride(0), o_p.stride(1), lse_p.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
     out = torch.empty_like(q)
     BLOCK_G = max(16, triton.next_power_of_2(groups))
-    _suffix_merge_kernel[(R, Hkv)](
+    launch(_suffix_merge_kernel, (R, Hkv),
         q, suffix_k, suffix_v, o_p, lse_p, out, n, G, Hkv, D, groups, scale,
         q.stride(0), q.stride(1), suffix_k.stride(0), suffix_k.stride(1), suffix_k.stride(2),
         o_p.stride(0), o_p.stride(1), lse_p.stride(0), out.stride(0), out.stride(1),

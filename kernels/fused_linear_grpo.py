@@ -16,15 +16,19 @@ epilogue is not inside the vocabulary kernel.)
 
 ``FusedLinearGRPOLoss`` is a drop-in for Liger's ``LigerFusedLinearGRPOLoss`` (same constructor
 and forward keywords, same ``(loss, (kl?, clip_ratio))`` return) for TRL and other GRPO code.
+
+``backward=`` (both; beyond Liger's signature) picks how the backward computes d hidden and d
+weight: ``"gemm"`` (default, deterministic), ``"atomic"`` or ``"sparse"``, or a
+``BackwardOptions(strategy, chunk_mb, deterministic)`` (see fused_linear_logprobs.py).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from .fused_linear_logprobs import linear_logprobs, token_logprobs
+from .fused_linear_logprobs import BackwardOptions, linear_logprobs, resolve_backward, token_logprobs
 from .grpo_semantics import (LOSS_TYPES, GRPOLossOptions, grpo_loss_from_logps, grpo_loss_reference, loss_metrics,
                              resolve_options)
 
@@ -44,29 +48,39 @@ def _validate(hidden, weight, token_ids, mask, advantages):
 def fused_linear_grpo_loss(hidden, weight, selected_token_ids, attention_mask, advantages,
                            old_per_token_logps=None, ref_per_token_logps=None,
                            options: Optional[GRPOLossOptions] = None, *, num_items_in_batch=None,
-                           vllm_is_ratio=None, bias=None, backend: str = "auto", **option_overrides):
-    """``(loss, metrics)``; metrics: "per_token_logps" (B, T) fp32, "kl" and "clip_ratio" (scalars).
+                           vllm_is_ratio=None, bias=None, backend: str = "auto",
+                           backward: Union[str, BackwardOptions, None] = None, **option_overrides):
+    """``(loss, metrics)``; metrics: "per_token_logps" (B, T) fp32, "kl" and "clip_ratio" (scalars);
+    with ``backward="sparse"`` also "sparse_tiles", (2,) int32 [vocabulary tiles skipped, tiles
+    computed], filled in by ``loss.backward()``.
 
     Differentiable in ``hidden``, ``weight`` (and ``bias``). The loss settings are ``options``; any
     ``GRPOLossOptions`` field may also be given as a keyword (``beta=0.04, loss_type="dapo"``),
     applied over ``options``. Loss types and reductions exactly as ``grpo_semantics`` (TRL's
-    GRPOTrainer) defines them.
+    GRPOTrainer) defines them. ``backward``: the backward strategy (a name or ``BackwardOptions``;
+    default "gemm").
     """
     options = resolve_options(options, option_overrides, "fused_linear_grpo_loss")
+    backward = resolve_backward(backward)
     _validate(hidden, weight, selected_token_ids, attention_mask, advantages)
-    logps = linear_logprobs(hidden, weight, selected_token_ids, options.temperature, bias=bias, backend=backend)
+    stats = (torch.zeros(2, dtype=torch.int32, device=hidden.device) if backward.strategy == "sparse" else None)
+    logps = linear_logprobs(hidden, weight, selected_token_ids, options.temperature, bias=bias, backend=backend,
+                            backward=backward, stats=stats)
     out = grpo_loss_from_logps(logps, old_per_token_logps, ref_per_token_logps, advantages, attention_mask,
                                options, num_items_in_batch=num_items_in_batch, vllm_is_ratio=vllm_is_ratio)
-    return out.loss, loss_metrics(out)
+    metrics = loss_metrics(out)
+    if stats is not None:
+        metrics["sparse_tiles"] = stats
+    return out.loss, metrics
 
 
 def fused_linear_grpo_loss_ref(hidden, weight, selected_token_ids, attention_mask, advantages,
                                old_per_token_logps=None, ref_per_token_logps=None,
                                options: Optional[GRPOLossOptions] = None, *, num_items_in_batch=None,
-                               vllm_is_ratio=None, bias=None, backend: str = "auto", upcast: bool = False,
-                               **option_overrides):
+                               vllm_is_ratio=None, bias=None, backend: str = "auto", backward=None,
+                               upcast: bool = False, **option_overrides):
     """Plain torch (``grpo_semantics.grpo_loss_reference``); ``upcast=True`` runs in float64."""
-    del backend
+    del backend, backward
     options = resolve_options(options, option_overrides, "fused_linear_grpo_loss_ref")
     if bias is not None:
         raise NotImplementedError("the reference has no bias; add it to the weight's logits yourself")
@@ -91,7 +105,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     ``(mean k3 KL, clip ratio)`` when ``beta != 0`` and ``(clip ratio,)`` otherwise, as Liger does.
     ``compiled`` and ``chunk_size`` are accepted and ignored (nothing here is compiled or chunked by
     the caller). Like Liger and TRL, dapo divides ``num_items_in_batch`` (or, without it, the
-    all-reduced token count) by the world size.
+    all-reduced token count) by the world size. Beyond Liger's signature: ``backend``,
+    ``backward`` ("gemm" | "atomic" | "sparse"), ``backward_chunk_mb`` and ``deterministic``
+    (refuses the strategies with float atomics), see ``BackwardOptions``.
     """
 
     def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True,
@@ -99,7 +115,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                  loss_type: str = "dapo", max_completion_length: Optional[int] = None,
                  importance_sampling_level: str = "token", temperature: float = 1.0,
                  delta: Optional[float] = None, use_bias_correction_kl: bool = False,
-                 backend: str = "auto", **unsupported):
+                 backend: str = "auto", backward: str = "gemm", backward_chunk_mb: Optional[float] = None,
+                 deterministic: bool = False, **unsupported):
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"FusedLinearGRPOLoss supports loss types {LOSS_TYPES}, got {loss_type!r}")
@@ -114,6 +131,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             max_completion_length=max_completion_length)
         self._options_without_kl = dataclasses.replace(self.options, beta=0.0)
         self.use_ref_model, self.backend = use_ref_model, backend
+        self.backward = BackwardOptions(strategy=backward, deterministic=deterministic,
+                                        **({} if backward_chunk_mb is None else {"chunk_mb": backward_chunk_mb}))
 
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
                 ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None,
@@ -140,7 +159,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         loss, metrics = fused_linear_grpo_loss(
             _input, lin_weight, selected_token_ids, attention_mask, advantages, old_per_token_logps,
             ref_per_token_logps, options, num_items_in_batch=num_items_in_batch, vllm_is_ratio=vllm_is_ratio,
-            bias=bias, backend=self.backend)
+            bias=bias, backend=self.backend, backward=self.backward)
         if self.options.beta != 0.0:
             return loss, (metrics["kl"], metrics["clip_ratio"])
         return loss, (metrics["clip_ratio"],)
