@@ -258,15 +258,16 @@ TILES = {
     ("sm80", 2): dict(fwd_m=64, fwd_v=128, fwd_k=64, fwd_warps=8, fwd_stages=3,
                       bwd_m=64, bwd_v=64, bwd_k=64, bwd_warps=8, bwd_stages=2,
                       dz_m=64, dz_v=128, dz_k=64, dz_warps=8, dz_stages=3),
-    ("sm80", 4): dict(fwd_m=64, fwd_v=128, fwd_k=32, fwd_warps=8, fwd_stages=3,
-                      bwd_m=64, bwd_v=64, bwd_k=32, bwd_warps=8, bwd_stages=2,
-                      dz_m=64, dz_v=128, dz_k=32, dz_warps=8, dz_stages=3),
     ("sm90", 2): dict(fwd_m=64, fwd_v=128, fwd_k=64, fwd_warps=8, fwd_stages=4,
                       bwd_m=64, bwd_v=64, bwd_k=64, bwd_warps=8, bwd_stages=2,
                       dz_m=64, dz_v=128, dz_k=64, dz_warps=8, dz_stages=4),
-    ("sm90", 4): dict(fwd_m=64, fwd_v=128, fwd_k=32, fwd_warps=8, fwd_stages=4,
-                      bwd_m=64, bwd_v=64, bwd_k=32, bwd_warps=8, bwd_stages=2,
-                      dz_m=64, dz_v=128, dz_k=32, dz_warps=8, dz_stages=4),
+    # fp32 inputs: "ieee" dots (torch's default, allow_tf32 = False) need far more registers than tf32 ones
+    ("sm80", 4): dict(fwd_m=32, fwd_v=128, fwd_k=32, fwd_warps=8, fwd_stages=3,
+                      bwd_m=32, bwd_v=64, bwd_k=16, bwd_warps=8, bwd_stages=2,
+                      dz_m=64, dz_v=128, dz_k=16, dz_warps=8, dz_stages=3),
+    ("sm90", 4): dict(fwd_m=32, fwd_v=128, fwd_k=32, fwd_warps=8, fwd_stages=3,
+                      bwd_m=32, bwd_v=64, bwd_k=16, bwd_warps=8, bwd_stages=2,
+                      dz_m=64, dz_v=128, dz_k=16, dz_warps=8, dz_stages=3),
 }
 # Under the interpreter smaller tiles keep the numpy work per program small. Tests monkeypatch this
 # to cross tile boundaries.

@@ -6,6 +6,7 @@
     fastebm data sample OUT_DIR
     fastebm data check RECORDS [--video-root DIR]
     fastebm data precompute RECORDS [--video-root DIR] [--cache-dir DIR] [--config RECIPE]
+    fastebm doctor [--recipe RECIPE] [--compile sm_80,sm_90 [--subset]] [--costs] [--json PATH]
 
 Errors a user can fix (a bad recipe, record, file or checkpoint) print one line naming the file and
 the field and exit non-zero; bugs keep their traceback.
@@ -44,12 +45,13 @@ def setup_logging(run_dir: str | None = None, level=logging.INFO) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastebm.cli import data, train
+    from fastebm.cli import data, doctor, train
 
     p = argparse.ArgumentParser(prog="fastebm", description="EBM-RL (GRPO) trainer for video VLMs")
     sub = p.add_subparsers(dest="command", required=True)
     train.add_parsers(sub)
     data.add_parsers(sub)
+    doctor.add_parsers(sub)
     return p
 
 

@@ -38,7 +38,7 @@ import torch
 from fastebm.config import Config
 from fastebm.data.records import Profiles, Record, RecordSampler
 from fastebm.grpo.advantages import combine_rewards
-from fastebm.grpo.loss import compute_grpo_loss, loss_options
+from fastebm.grpo.loss import backward_options, compute_grpo_loss, loss_options
 from fastebm.model.decode import shared_prefix_rollout
 from fastebm.model.forward import completion_hidden_states, lm_head_weight
 from fastebm.model.prefix import shared_prefix_hidden_states
@@ -338,7 +338,7 @@ class Trainer:
                 sl = lambda x: None if x is None else x[idx, :Tc]  # noqa: E731
                 out = compute_grpo_loss(
                     cb.hidden, lm_head_weight(model), cb.ids, cb.mask, advantages[idx], sl(old_logps), sl(ref_logps),
-                    options, kernel=g.kernel, num_items_in_batch=total_tokens)
+                    options, kernel=g.kernel, backward=backward_options(g), num_items_in_batch=total_tokens)
                 mb_tokens = int(cb.mask.sum())
                 # Scale each micro-batch so that the accumulated gradient is that of the whole batch.
                 scale = {"grpo": len(idx) / N, "dr_grpo": len(idx) / N,
