@@ -1,7 +1,7 @@
 """``fastebm doctor``: the environment and a self-check of every fast path; the compile gate; costs.
 
     fastebm doctor                          # environment + self-checks on this machine's device
-    fastebm doctor --recipe recipes/tiny.toml   # + the recipe's model and reward paths
+    fastebm doctor --recipe recipes/tiny.toml [section.key=value ...]   # + the recipe's model and rewards
     fastebm doctor --compile sm_80,sm_90    # compile every Triton kernel for those GPUs (no GPU needed)
     fastebm doctor --costs                  # the fused loss's cost model per backward strategy
     fastebm doctor --json report.json       # also write everything as JSON
@@ -21,6 +21,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("doctor", help="environment, self-checks of every fast path, compile gate, cost model",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help="also check this recipe's model and reward paths")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="with --recipe: overrides, as for train")
     p.add_argument("--compile", metavar="ARCHS", help="compile every Triton kernel for these architectures, "
                    "e.g. sm_80,sm_90 (instead of the self-checks)")
     p.add_argument("--subset", action="store_true", help="with --compile: the CI subset (tiny and 7B shapes, "
@@ -69,7 +70,7 @@ def run(args) -> int:
         env = environment()
         print(format_environment(env))
         print()
-        results = self_checks(recipe=args.recipe)
+        results = self_checks(recipe=args.recipe, overrides=args.overrides)
         print(format_checks(results))
         failed = any(r.failed for r in results)
         print(f"\n{sum(r.status == 'pass' for r in results)} passed, {sum(r.failed for r in results)} failed, "

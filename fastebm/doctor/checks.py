@@ -280,13 +280,14 @@ def video_checks() -> list[tuple[str, Callable]]:
             ("video: DALI GPU (NVDEC), H.264", lambda: check_video("dali", "h264", True))]
 
 
-def self_checks(device: Optional[torch.device] = None, recipe: Optional[str] = None) -> list[CheckResult]:
+def self_checks(device: Optional[torch.device] = None, recipe: Optional[str] = None,
+                overrides: Optional[list[str]] = None) -> list[CheckResult]:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     checks = kernel_checks(device) + video_checks()
     if recipe:
         from fastebm.doctor.recipe import recipe_checks
 
-        checks += recipe_checks(recipe, device)
+        checks += recipe_checks(recipe, device, overrides or [])
     return [run_check(name, fn) for name, fn in checks]
 
 

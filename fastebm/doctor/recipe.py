@@ -18,14 +18,14 @@ import torch
 from fastebm.doctor.checks import three_way
 
 
-def recipe_checks(path: str, device: torch.device) -> list:
-    state: dict = {}
+def recipe_checks(path: str, device: torch.device, overrides: list[str]) -> list:
+    state: dict = {"overrides": list(overrides)}
 
     def config():
         from fastebm.config import load_config
         from fastebm.rewards import check_rewards
 
-        state["cfg"] = cfg = load_config(path)
+        state["cfg"] = cfg = load_config(path, state["overrides"])
         check_rewards(cfg.rewards, source=path)
         return [("config errors", 0.0, 0.0)]
 
@@ -101,5 +101,5 @@ def _config(state: dict, path: str):
     from fastebm.config import load_config
 
     if "cfg" not in state:
-        state["cfg"] = load_config(path)
+        state["cfg"] = load_config(path, state["overrides"])
     return state["cfg"]
