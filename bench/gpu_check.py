@@ -372,8 +372,8 @@ def section_rollout(ctx):
             out[name] = dict(seconds=t, tokens_per_s=G * S / t)
     finally:
         rollout_mod.eos_ids = real_eos
-    return dict(G=G, prefix_tokens=len(prompt.ids), video_tokens=nv, new_tokens=S, results=out,
-                speedup=out["transformers generate (prefix repeated)"]["seconds"] / out["shared prefix (fastebm)"]["seconds"])
+    speedup = out["transformers generate (prefix repeated)"]["seconds"] / out["shared prefix (fastebm)"]["seconds"]
+    return dict(G=G, prefix_tokens=len(prompt.ids), video_tokens=nv, new_tokens=S, results=out, speedup=speedup)
 
 
 def section_train_step(ctx):
@@ -421,8 +421,9 @@ def section_video(ctx):
     info = pyav_backend.probe(path)
     idx = list(range(n))
     out = {}
+    dali_name = f"DALI ({'GPU, NVDEC' if gpu else 'CPU'})"
     for name, fn in (("PyAV (CPU)", lambda: pyav_backend.decode_frames(path, info, idx)),
-                     (f"DALI ({'GPU, NVDEC' if gpu else 'CPU'})", lambda: dali_backend.decode_frames(path, info, idx, gpu=gpu))):
+                     (dali_name, lambda: dali_backend.decode_frames(path, info, idx, gpu=gpu))):
         t = _timeit(fn, reps=2)
         out[name] = dict(seconds=t, frames_per_s=n / t)
     return dict(clip=f"{w}x{h} {codec}, {n} frames", results=out)
@@ -514,7 +515,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU only: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    name = (torch.cuda.get_device_name() if dev.type == "cuda"
+            else f"CPU only: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     os.makedirs(a.out, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         ctx = dict(device=dev, device_name=name, tiny=a.tiny, tmp=tmp, install=install, tflops=1.0, gbs=1.0,

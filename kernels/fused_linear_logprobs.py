@@ -439,6 +439,9 @@ def _atomic_bwd_triton(hidden2d, weight, ids, bias, lse, g, temperature, compute
     return dx, dw, db
 
 
+_INPLACE_MIXED_ADDMM = [True]   # cleared if this torch build refuses addmm(out_dtype=..., out=self)
+
+
 def _addmm_f32_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """c (fp32) += a @ b for a, b in the input dtype, accumulated in fp32 (cuBLAS's epilogue adds c)."""
     if a.dtype == c.dtype:
@@ -446,7 +449,13 @@ def _addmm_f32_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     elif a.device.type == "cpu":       # no mixed-dtype addmm on the CPU; bf16/fp16 products are exact in fp32
         c.addmm_(a.float(), b.float())
     else:
-        torch.addmm(c, a, b, out_dtype=c.dtype, out=c)
+        if _INPLACE_MIXED_ADDMM[0]:
+            try:
+                torch.addmm(c, a, b, out_dtype=c.dtype, out=c)
+                return
+            except (RuntimeError, TypeError):   # same sums, through an fp32 temporary of c's size
+                _INPLACE_MIXED_ADDMM[0] = False
+        c.add_(torch.mm(a, b, out_dtype=c.dtype))
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

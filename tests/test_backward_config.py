@@ -25,8 +25,8 @@ def test_defaults_are_the_deterministic_gemm_backward():
 @pytest.mark.parametrize("strategy", ["atomic", "sparse"])
 def test_deterministic_refuses_float_atomics_naming_file_and_fields(strategy):
     overrides = [f"grpo.backward={strategy}", "grpo.deterministic=true"]
-    with pytest.raises(ConfigError, match=rf"tiny.toml.*grpo.backward: '{strategy}' adds into the gradients with float atomics"
-                                          r".*grpo.deterministic = true needs grpo.backward = \"gemm\""):
+    with pytest.raises(ConfigError, match=rf"tiny.toml.*grpo.backward: '{strategy}' adds into the gradients with "
+                                          r"float atomics.*grpo.deterministic = true needs grpo.backward = \"gemm\""):
         load_config(TINY, overrides)
     cfg = load_config(TINY, [f"grpo.backward={strategy}"])     # allowed when not deterministic
     assert backward_options(cfg.grpo).strategy == strategy

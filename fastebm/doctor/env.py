@@ -52,7 +52,8 @@ def environment() -> dict:
         env["CUDA driver"] = _driver_version()
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            env[f"GPU {i}"] = f"{p.name}, {p.total_memory / 2 ** 30:.1f} GiB, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs"
+            env[f"GPU {i}"] = (f"{p.name}, {p.total_memory / 2 ** 30:.1f} GiB, sm_{p.major}{p.minor}, "
+                               f"{p.multi_processor_count} SMs")
     else:
         env["GPU"] = "none visible (torch.cuda.is_available() is False)"
     env["Triton kernels run"] = ("natively (CUDA)" if torch.cuda.is_available() else
