@@ -130,22 +130,26 @@ def run_gate(archs: Iterable[str], shapes: Iterable[str] = tuple(SHAPES), dtypes
     env["PYTHONPATH"] = os.pathsep.join([repo] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     n = max(1, min(workers, len(jobs)))
     procs = []
-    for i in range(n):
-        share = jobs[i::n]
-        p = subprocess.Popen([sys.executable, "-m", "fastebm.doctor.compile_gate", "--worker"], env=env,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        p.stdin.write(json.dumps(share))
-        p.stdin.close()
-        procs.append(p)
-    raw = []
-    deadline = time.time() + timeout
-    for p in procs:
-        out = p.stdout.read()
-        err = p.stderr.read()
-        p.wait(timeout=max(1.0, deadline - time.time()))
-        if p.returncode:
-            raise RuntimeError(f"compile worker failed (exit {p.returncode}):\n{err[-4000:]}")
-        raw += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    with tempfile.TemporaryDirectory(prefix="fastebm-compile-") as tmp:
+        for i in range(n):
+            # stdout and stderr to files: a worker never blocks on a full pipe while another is read
+            out, err = open(os.path.join(tmp, f"{i}.out"), "w+"), open(os.path.join(tmp, f"{i}.err"), "w+")
+            p = subprocess.Popen([sys.executable, "-m", "fastebm.doctor.compile_gate", "--worker"], env=env,
+                                 stdin=subprocess.PIPE, stdout=out, stderr=err, text=True)
+            p.stdin.write(json.dumps(jobs[i::n]))
+            p.stdin.close()
+            procs.append((p, out, err))
+        raw = []
+        deadline = time.time() + timeout
+        for p, out, err in procs:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+            out.seek(0)
+            err.seek(0)
+            if p.returncode:
+                raise RuntimeError(f"compile worker failed (exit {p.returncode}):\n{err.read()[-4000:]}")
+            raw += [json.loads(line) for line in out.read().splitlines() if line.startswith("{")]
+            out.close()
+            err.close()
     return merge_rows(Row(**r) for r in raw)
 
 

@@ -99,6 +99,7 @@ def test_qwen_vocabulary_remainder_triton(tile_v, monkeypatch):
     monkeypatch.setattr(ll, "TILES_INTERPRET", dict(fwd_m=16, fwd_v=tile_v, fwd_k=16, bwd_m=16, bwd_v=tile_v,
                                                     bwd_k=16, dz_m=16, dz_v=tile_v, dz_k=16, num_warps=4,
                                                     num_stages=1))
+    monkeypatch.setattr(ll, "PANEL_INTERPRET", (16, 8 * tile_v))   # "gemm" panels of whole tiles, the last ragged
     V = 152064
     b = make_batch(1, 4, 16, V, seed=5, masked_row=False)
     b["ids"] = torch.tensor([[0, V - 1, V - 300, 151999]], device=DEVICE)
