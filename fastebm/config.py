@@ -317,6 +317,20 @@ class GRPOConfig:
     """Log-prob and loss implementation: ``fused`` (fastebm.kernels: Triton on CUDA, a chunked
     memory-bounded PyTorch path on the CPU; full logits never exist) or ``eager`` (plain PyTorch,
     logits token-chunked; the path the fused one is checked against). Was ``reference`` before 0.2."""
+    backward: Literal["gemm", "atomic", "sparse"] = "gemm"
+    """How the fused loss's backward computes the hidden-state and lm_head gradients: ``gemm`` (the default
+    until a GPU measures the others) writes the d logits of fixed panels to a buffer and runs two dense
+    GEMMs per panel in a fixed order, so the gradients are bit-reproducible (no float atomics);
+    ``atomic`` adds every (token tile, vocabulary tile)'s products into fp32 gradients with atomics (the
+    last bits change from run to run on a GPU); ``sparse`` is ``atomic`` skipping vocabulary tiles whose
+    softmax mass is below the input dtype's resolution (exact up to that rounding). See docs/kernels.md."""
+    backward_chunk_mb: float = 512.0
+    """The most MiB of d logits the ``gemm`` backward holds at once (at least one panel: 8192 x 8192, 128 MiB
+    in bf16). It changes the number of kernel launches and the memory, never a result bit."""
+    deterministic: bool = False
+    """Require a bit-reproducible GRPO loss: with true, ``grpo.backward`` must be ``gemm`` (``atomic`` and
+    ``sparse`` add with float atomics and are refused), so a GPU step repeats bit for bit and exact resume
+    holds on GPUs. ``gemm``, the default, is deterministic either way."""
 
 
 @dataclass
@@ -645,6 +659,7 @@ RANGES: dict[str, str] = {
     "grpo.delta": "> 0",
     "grpo.mu": ">= 1",
     "grpo.kl_clamp": "> 0",
+    "grpo.backward_chunk_mb": "> 0",
     "grpo.sapo_temperature_pos": "> 0",
     "grpo.sapo_temperature_neg": "> 0",
     "grpo.vespo_k_pos": "any",
@@ -766,6 +781,10 @@ def validate(cfg: Config, source: str = "config") -> None:
             raise ConfigError(f"{where}: {key}: {msg}")
 
     need(len(cfg.train.adam_betas) == 2, "train.adam_betas", "must be two numbers")
+    need(not (cfg.grpo.deterministic and cfg.grpo.backward != "gemm"), "grpo.backward",
+         f"{cfg.grpo.backward!r} adds into the gradients with float atomics (run-to-run differences in the last "
+         f"bits); grpo.deterministic = true needs grpo.backward = \"gemm\" (or set grpo.deterministic = false)",
+         "grpo.deterministic")
     need(len(cfg.data.tags) == 3 and all(t.isidentifier() for t in cfg.data.tags), "data.tags",
          "must be three tag names (identifiers), e.g. ['vision', 'think', 'answer']")
     need(cfg.video.min_frames <= cfg.video.max_frames, "video.min_frames",

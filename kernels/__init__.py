@@ -3,8 +3,9 @@
 Each kernel file reads top to bottom: ``@triton.jit`` kernels -> launch wrapper -> autograd
 Function -> public function -> plain-torch ``*_ref(..., upcast=False)``. Every public function takes
 ``backend="auto" | "triton" | "torch"``: ``auto`` runs Triton on CUDA tensors and a memory-bounded
-PyTorch path elsewhere (``FASTEBM_KERNEL_BACKEND`` overrides it). Importing this package needs no
-GPU. See docs/kernels.md.
+PyTorch path elsewhere (``FASTEBM_KERNEL_BACKEND`` overrides it). The fused-linear losses also take
+``backward="gemm" | "atomic" | "sparse"`` (or ``BackwardOptions``): how the backward computes the
+hidden and weight gradients. Importing this package needs no GPU. See docs/kernels.md.
 
 ``grpo_semantics.py`` holds what every GRPO loss here means: ``GRPOLossOptions`` (the settings, one
 object), the per-token loss and its reductions, ``grpo_loss_from_logps`` (which every GRPO kernel
@@ -16,9 +17,12 @@ from .fused_linear_grpo import FusedLinearGRPOLoss, fused_linear_grpo_loss, fuse
 from .group_advantages import combine_rewards, group_advantages, group_advantages_ref, group_normalize
 from .grpo_semantics import GRPOLossOptions, LossOutput, grpo_loss_from_logps, grpo_loss_reference
 from .logits_grpo_loss import grpo_loss, grpo_loss_ref
-from .fused_linear_logprobs import linear_logprobs, token_logprobs, token_logprobs_ref
+from .fused_linear_logprobs import (BACKWARD_STRATEGIES, BackwardOptions, linear_logprobs, token_logprobs,
+                                    token_logprobs_ref)
 
 __all__ = [
+    "BACKWARD_STRATEGIES",
+    "BackwardOptions",
     "GRPOLossOptions",
     "LossOutput",
     "FusedLinearGRPOLoss",

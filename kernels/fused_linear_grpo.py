@@ -19,16 +19,20 @@ same forward pass as the log-probs.)
 ``FusedLinearGRPOLoss`` is a drop-in for Liger 0.8.5's ``LigerFusedLinearGRPOLoss`` (same
 constructor and forward signatures, same ``(loss, (kl?, clip_ratio))`` return) for other GRPO
 code; ``fastebm.integrations.trl.FusedGRPOTrainer`` is the one for TRL 1.16's ``GRPOTrainer``.
+
+``backward=`` (both; beyond Liger's signature) picks how the backward computes d hidden and d
+weight: ``"gemm"`` (default, deterministic), ``"atomic"`` or ``"sparse"``, or a
+``BackwardOptions(strategy, chunk_mb, deterministic)`` (see fused_linear_logprobs.py).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from ._backend import resolve_backend
-from .fused_linear_logprobs import linear_logprobs, token_logprobs
+from .fused_linear_logprobs import BackwardOptions, linear_logprobs, resolve_backward, token_logprobs
 from .grpo_semantics import (GLOBAL_TOKEN_NORMALISED, LOSS_TYPES, GRPOLossOptions, grpo_loss_from_logps,
                              grpo_loss_reference, loss_metrics, resolve_options)
 
@@ -56,38 +60,45 @@ def fused_linear_grpo_loss(hidden, weight, selected_token_ids, attention_mask, a
                            old_per_token_logps=None, ref_per_token_logps=None,
                            options: Optional[GRPOLossOptions] = None, *, num_items_in_batch=None,
                            vllm_is_ratio=None, sampling_per_token_logps=None, bias=None, backend: str = "auto",
-                           return_entropy: bool = False, **option_overrides):
+                           return_entropy: bool = False, backward: Union[str, BackwardOptions, None] = None,
+                           **option_overrides):
     """``(loss, metrics)``; metrics: "per_token_logps" (B, T) fp32, "kl" and "clip_ratio" (scalars),
-    and "entropy" (B, T) when computed (``return_entropy`` or ``top_entropy_quantile < 1``).
+    "entropy" (B, T) when computed (``return_entropy`` or ``top_entropy_quantile < 1``), and with
+    ``backward="sparse"`` "sparse_tiles", (2,) int32 [vocabulary tiles skipped, tiles computed],
+    filled in by ``loss.backward()``.
 
     Differentiable in ``hidden``, ``weight`` (and ``bias``). The loss settings are ``options``; any
     ``GRPOLossOptions`` field may also be given as a keyword (``beta=0.04, loss_type="dapo"``),
     applied over ``options``. Loss types, options and reductions exactly as ``grpo_semantics`` (TRL's
     GRPOTrainer) defines them. The per-token entropy comes from the same vocabulary pass as the
     log-probs (no second pass, no logits); ``sampling_per_token_logps`` (B, T) feeds
-    ``off_policy_mask_threshold`` (default: the old log-probs).
+    ``off_policy_mask_threshold`` (default: the old log-probs). ``backward``: the backward strategy
+    (a name or ``BackwardOptions``; default "gemm").
     """
     options = resolve_options(options, option_overrides, "fused_linear_grpo_loss")
+    backward = resolve_backward(backward)
     _validate(hidden, weight, selected_token_ids, attention_mask, advantages, backend)
-    entropies = None
-    if return_entropy or options.top_entropy_quantile < 1.0:
-        logps, entropies = linear_logprobs(hidden, weight, selected_token_ids, options.temperature, bias=bias,
-                                           backend=backend, return_entropy=True)
-    else:
-        logps = linear_logprobs(hidden, weight, selected_token_ids, options.temperature, bias=bias, backend=backend)
+    stats = (torch.zeros(2, dtype=torch.int32, device=hidden.device) if backward.strategy == "sparse" else None)
+    want_entropy = return_entropy or options.top_entropy_quantile < 1.0
+    res = linear_logprobs(hidden, weight, selected_token_ids, options.temperature, bias=bias, backend=backend,
+                          return_entropy=want_entropy, backward=backward, stats=stats)
+    logps, entropies = res if want_entropy else (res, None)
     out = grpo_loss_from_logps(logps, old_per_token_logps, ref_per_token_logps, advantages, attention_mask,
                                options, num_items_in_batch=num_items_in_batch, vllm_is_ratio=vllm_is_ratio,
                                entropies=entropies, sampling_logps=sampling_per_token_logps)
-    return out.loss, loss_metrics(out)
+    metrics = loss_metrics(out)
+    if stats is not None:
+        metrics["sparse_tiles"] = stats
+    return out.loss, metrics
 
 
 def fused_linear_grpo_loss_ref(hidden, weight, selected_token_ids, attention_mask, advantages,
                                old_per_token_logps=None, ref_per_token_logps=None,
                                options: Optional[GRPOLossOptions] = None, *, num_items_in_batch=None,
                                vllm_is_ratio=None, sampling_per_token_logps=None, bias=None, backend: str = "auto",
-                               return_entropy: bool = False, upcast: bool = False, **option_overrides):
+                               return_entropy: bool = False, backward=None, upcast: bool = False, **option_overrides):
     """Plain torch (``grpo_semantics.grpo_loss_reference``); ``upcast=True`` runs in float64."""
-    del backend
+    del backend, backward
     options = resolve_options(options, option_overrides, "fused_linear_grpo_loss_ref")
     if bias is not None:
         raise NotImplementedError("the reference has no bias; add it to the weight's logits yourself")
@@ -126,6 +137,10 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     loss sum), where Liger 0.8.5 multiplies the unmasked per-token loss by the sequence lengths and
     divides by B * T; the two agree only when the per-token loss is one value per sequence
     (sequence-level importance sampling, beta = 0, no vllm_is_ratio per token).
+
+    Beyond Liger's signature (keyword only): ``backend``, ``backward`` ("gemm" | "atomic" |
+    "sparse"), ``backward_chunk_mb`` and ``deterministic`` (refuses the strategies with float
+    atomics), see ``BackwardOptions``.
     """
 
     def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True,
@@ -134,7 +149,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                  importance_sampling_level: str = "token", sapo_temperature_pos: float = 1.0,
                  sapo_temperature_neg: float = 1.05, temperature: float = 1.0, delta: Optional[float] = None,
                  use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
-                 vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, *, backend: str = "auto"):
+                 vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, *, backend: str = "auto",
+                 backward: str = "gemm", backward_chunk_mb: Optional[float] = None, deterministic: bool = False):
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"FusedLinearGRPOLoss: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -153,6 +169,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         self._options_without_kl = dataclasses.replace(self.options, beta=0.0)
         self.compiled, self.chunk_size = compiled, chunk_size  # Liger's attributes; unused here
         self.use_ref_model, self.backend = use_ref_model, backend
+        self.backward = BackwardOptions(strategy=backward, deterministic=deterministic,
+                                        **({} if backward_chunk_mb is None else {"chunk_mb": backward_chunk_mb}))
 
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
                 ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None,
@@ -179,7 +197,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         loss, metrics = fused_linear_grpo_loss(
             _input, lin_weight, selected_token_ids, attention_mask, advantages, old_per_token_logps,
             ref_per_token_logps, options, num_items_in_batch=num_items_in_batch, vllm_is_ratio=vllm_is_ratio,
-            bias=bias, backend=self.backend)
+            bias=bias, backend=self.backend, backward=self.backward)
         if self.options.beta != 0.0:
             return loss, (metrics["kl"], metrics["clip_ratio"])
         return loss, (metrics["clip_ratio"],)

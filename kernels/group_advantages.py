@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import resolve_backend
+from ._backend import launch, resolve_backend
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def group_advantages_triton(rewards: torch.Tensor, weights: Sequence[float], gro
     if group_size == 1:
         return out.zero_()
     wts = torch.tensor(weights, device=rewards.device, dtype=torch.float32)
-    _group_advantages_kernel[(N // group_size,)](
+    launch(_group_advantages_kernel, (N // group_size,),
         rewards.contiguous(), wts, out, K, N, group_size, eps, PER_REWARD=normalize == "per_reward",
         SCALE=scale, BLOCK_K=max(2, triton.next_power_of_2(K)), BLOCK_G=max(2, triton.next_power_of_2(group_size)))
     return out

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import resolve_backend, triton_interpreted
+from ._backend import launch, resolve_backend, triton_interpreted
 from .grpo_semantics import GRPOLossOptions, grpo_loss_from_logps, loss_metrics, resolve_options
 
 # --------------------------------------------------------------------------------------------- #
@@ -97,7 +97,7 @@ def logits_logprob_fwd_triton(logits, ids, temperature=1.0):
     logp = torch.empty((B, T), device=logits.device, dtype=torch.float32)
     lse = torch.empty((B, T), device=logits.device, dtype=torch.float32)
     if B * T:
-        _logits_logprob_fwd_kernel[(B * T,)](
+        launch(_logits_logprob_fwd_kernel, (B * T,),
             logits, ids.contiguous(), logp, lse, T, V, logits.stride(0), logits.stride(1),
             1.0 / temperature, BLOCK_V=_block_v(), num_warps=8 if not triton_interpreted() else 1)
     return logp, lse
@@ -109,7 +109,7 @@ def logits_logprob_bwd_triton(logits, ids, lse, grad_logp, temperature=1.0):
     B, T, V = logits.shape
     dlogits = torch.empty_like(logits)
     if B * T:
-        _logits_logprob_bwd_kernel[(B * T,)](
+        launch(_logits_logprob_bwd_kernel, (B * T,),
             logits, dlogits, ids.contiguous(), lse.contiguous(), grad_logp.float().contiguous(), T, V,
             logits.stride(0), logits.stride(1), dlogits.stride(0), dlogits.stride(1), 1.0 / temperature,
             BLOCK_V=_block_v(), num_warps=8 if not triton_interpreted() else 1)

@@ -12,6 +12,7 @@
     fastebm generate RECIPE --records FILE --out FILE [--checkpoint DIR] [--prompt-mode MODE] [section.key=value ...]
     fastebm eval auto | judge | pairwise | videoqa ...   (docs/evaluation.md)
     fastebm report RUN_DIR [--out DIR]
+    fastebm doctor [--recipe RECIPE] [--compile sm_80,sm_90 [--subset]] [--costs] [--json PATH]
 
 Errors a user can fix (a bad recipe, record, file or checkpoint) print one line naming the file and
 the field and exit non-zero; bugs keep their traceback. The exit codes (``fastebm.train.stop``; the
@@ -53,7 +54,7 @@ def setup_logging(run_dir: str | None = None, level=logging.INFO) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastebm.cli import data, train
+    from fastebm.cli import data, doctor, train
     from fastebm.cli import eval as eval_cli
 
     p = argparse.ArgumentParser(prog="fastebm", description="EBM-RL (GRPO) trainer for video VLMs")
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parsers(sub)
     data.add_parsers(sub)
     eval_cli.add_parsers(sub)
+    doctor.add_parsers(sub)
     return p
 
 

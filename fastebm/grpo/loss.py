@@ -2,7 +2,8 @@
 
     options = loss_options(cfg.grpo, temperature, cfg.rollout.max_new_tokens)    # once per update
     out = compute_grpo_loss(hidden, weight, ids, mask, advantages, old, ref, options,
-                            kernel=cfg.grpo.kernel, num_items_in_batch=total_tokens)
+                            kernel=cfg.grpo.kernel, backward=backward_options(cfg.grpo),
+                            num_items_in_batch=total_tokens)
 
 ``compute_grpo_loss`` takes the policy's *hidden states* of completion tokens and the lm_head
 weight, never logits. ``kernel="fused"`` runs ``fastebm.kernels.fused_linear_grpo_loss`` (Triton on
@@ -10,7 +11,9 @@ CUDA, a memory-bounded path elsewhere); ``kernel="eager"`` runs the kernels' pla
 ``grpo_loss_reference``, chunked over tokens so that full (tokens x vocabulary) logits are never
 held at once either. Both finish through ``fastebm.kernels.grpo_loss_from_logps``: TRL 1.16's loss
 types and options (clipping, delta, k3 KL and its bias correction, cispo / sapo / luspo / vespo,
-the entropy quantile, the off-policy mask), defined once (see kernels/grpo_semantics.py).
+the entropy quantile, the off-policy mask), defined once (see kernels/grpo_semantics.py). The fused
+path's backward strategy (``grpo.backward``, ``grpo.backward_chunk_mb``, ``grpo.deterministic``)
+travels as one ``fastebm.kernels.BackwardOptions``.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Optional
 import torch
 
 from fastebm.config import GRPOConfig
-from fastebm.kernels import GRPOLossOptions, LossOutput, fused_linear_grpo_loss, grpo_loss_reference
+from fastebm.kernels import BackwardOptions, GRPOLossOptions, LossOutput, fused_linear_grpo_loss, grpo_loss_reference
 
 KERNELS = ("fused", "eager")
 
@@ -39,13 +42,20 @@ def loss_options(grpo_cfg: GRPOConfig, temperature: float, max_completion_length
         off_policy_mask_threshold=g.off_policy_mask_threshold, kl_clamp=g.kl_clamp)
 
 
+def backward_options(grpo_cfg: GRPOConfig) -> BackwardOptions:
+    """The fused backward's strategy of the ``[grpo]`` section (checked: deterministic refuses atomics)."""
+    return BackwardOptions(strategy=grpo_cfg.backward, chunk_mb=float(grpo_cfg.backward_chunk_mb),
+                           deterministic=grpo_cfg.deterministic)
+
+
 def compute_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor,
                       advantages: torch.Tensor, old_logps: Optional[torch.Tensor], ref_logps: Optional[torch.Tensor],
-                      options: GRPOLossOptions, *, kernel: str = "fused", num_items_in_batch=None,
-                      sampling_logps: Optional[torch.Tensor] = None) -> LossOutput:
+                      options: GRPOLossOptions, *, kernel: str = "fused", backward: Optional[BackwardOptions] = None,
+                      num_items_in_batch=None, sampling_logps: Optional[torch.Tensor] = None) -> LossOutput:
     """The trainer's single entry point: the fused kernels or the plain-torch eager path.
 
     hidden (B, T, H), weight (V, H), token_ids / mask / old_logps / ref_logps (B, T), advantages (B,);
+    ``backward``: the fused path's backward strategy (``backward_options(cfg.grpo)``; default "gemm");
     ``num_items_in_batch``: the global count of completion tokens (dapo, cispo, vespo);
     ``sampling_logps`` (B, T): the rollout's own log-probs, for ``off_policy_mask_threshold``.
     """
@@ -57,7 +67,7 @@ def compute_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, token_ids: tor
     if kernel == "fused":
         loss, metrics = fused_linear_grpo_loss(hidden, weight, token_ids, mask, advantages, old_logps, ref_logps,
                                                options, num_items_in_batch=num_items_in_batch,
-                                               sampling_per_token_logps=sampling_logps)
+                                               sampling_per_token_logps=sampling_logps, backward=backward)
         return LossOutput(loss, metrics["per_token_logps"].detach(), metrics["kl"], metrics["clip_ratio"],
                           metrics.get("entropy"))
     raise ValueError(f"grpo.kernel must be one of {KERNELS}, got {kernel!r}")

@@ -40,7 +40,7 @@ from fastebm.config import Config, validate_grpo
 from fastebm.data.prompts import load_templates
 from fastebm.data.records import Profiles, Record, RecordSampler
 from fastebm.grpo.advantages import combine_rewards
-from fastebm.grpo.loss import compute_grpo_loss, loss_options
+from fastebm.grpo.loss import backward_options, compute_grpo_loss, loss_options
 from fastebm.model.decode import shared_prefix_rollout
 from fastebm.model.forward import completion_hidden_states, lm_head_weight
 from fastebm.model.prefix import shared_prefix_hidden_states
@@ -365,7 +365,8 @@ class Trainer:
                                               dtype=cb.mask.dtype)[:, None]
                 out = compute_grpo_loss(
                     cb.hidden, lm_head_weight(model), cb.ids, mask, advantages[idx], sl(old_logps), sl(ref_logps),
-                    options, kernel=g.kernel, num_items_in_batch=total_tokens, sampling_logps=sl(sampling))
+                    options, kernel=g.kernel, backward=backward_options(g), num_items_in_batch=total_tokens,
+                    sampling_logps=sl(sampling))
                 mb_tokens = int(mask.sum())
                 # Scale each micro-batch so that the accumulated gradient is that of the whole batch:
                 # per-sequence means (grpo, sapo, luspo) and dr_grpo's constant by the micro-batch's share of

@@ -4,11 +4,17 @@ The tolerance rule (STYLE.md): against the float64 reference, the kernel's error
 twice PyTorch's own error at the input precision, plus a small atol -- for the output and every
 gradient. Triton runs under TRITON_INTERPRET=1 here (tests/conftest.py sets it on CPU machines);
 ``backend="triton"`` forces the kernels, ``backend="torch"`` the chunked CPU path.
+
+Device-generic: ``DEVICE`` is the machine's ("cuda" where a GPU is visible, else "cpu"), and
+``make_batch`` builds its tensors there, so the same tests run the interpreter on a CPU and the
+compiled kernels on CUDA tensors with the GPU's own dtypes (bf16 dots without widening:
+``UPCAST_DOT`` is set only under the interpreter).
 """
 from __future__ import annotations
 
 import torch
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["triton", "torch"]
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3, torch.float64: 1e-10}
 
@@ -43,8 +49,8 @@ def make_batch(B, T, H, V, dtype=torch.float32, seed=0, old=True, ref=True, mask
         base = torch.log_softmax((hidden @ weight.t()).double(), -1).gather(-1, ids[..., None]).squeeze(-1).float()
     old_lp = (base + 0.3 * torch.randn(B, T, generator=g)) if old else None
     ref_lp = (base + 0.3 * torch.randn(B, T, generator=g)) if ref else None
-    return dict(hidden=hidden.to(dtype), weight=weight.to(dtype), ids=ids, mask=mask, adv=adv,
-                old=old_lp, ref=ref_lp)
+    d = dict(hidden=hidden.to(dtype), weight=weight.to(dtype), ids=ids, mask=mask, adv=adv, old=old_lp, ref=ref_lp)
+    return {k: v.to(DEVICE) if v is not None else None for k, v in d.items()}
 
 
 

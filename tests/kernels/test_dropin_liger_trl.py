@@ -73,7 +73,7 @@ def test_matches_trl_grpo_trainer_compute_loss(loss_type, level, delta):
     from trl import GRPOTrainer
 
     b = make_batch(3, 6, 24, 517, seed=13)
-    b["num_items"] = torch.tensor(b["mask"].sum().item() + 5.0)   # global count != local, as with grad accum
+    b["num_items"] = torch.tensor(b["mask"].sum().item() + 5.0, device=b["mask"].device)   # global != local (grad accum)
     beta, temperature, max_len = 0.04, 0.8, 8
     stub = _trl_stub(loss_type, level, beta, delta, max_len)
     h = b["hidden"].clone().requires_grad_()
@@ -86,7 +86,8 @@ def test_matches_trl_grpo_trainer_compute_loss(loss_type, level, delta):
 
     stub._get_per_token_logps_and_entropies = per_token_logps_and_entropies
     B, T = b["ids"].shape
-    inputs = dict(prompt_ids=torch.zeros(B, 2, dtype=torch.long), prompt_mask=torch.ones(B, 2),
+    inputs = dict(prompt_ids=torch.zeros(B, 2, dtype=torch.long, device=h.device),
+                  prompt_mask=torch.ones(B, 2, device=h.device),
                   completion_ids=b["ids"], completion_mask=b["mask"], advantages=b["adv"],
                   old_per_token_logps=b["old"], ref_per_token_logps=b["ref"], num_items_in_batch=b["num_items"])
     trl_loss = GRPOTrainer._compute_loss(stub, None, inputs)

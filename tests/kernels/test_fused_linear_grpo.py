@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastebm.grpo.loss import compute_grpo_loss
 from fastebm.kernels import GRPOLossOptions, fused_linear_grpo_loss, fused_linear_grpo_loss_ref, linear_logprobs
 
-from kernel_helpers import BACKENDS, assert_3way, make_batch
+from kernel_helpers import BACKENDS, DEVICE, assert_3way, make_batch
 
 CONFIGS = {
     "grpo_token_kl_T07": dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, temperature=0.7, loss_type="grpo"),
@@ -28,7 +28,7 @@ def _run(fn, batch, cfg, dtype, **extra):
     h = batch["hidden"].detach().clone().requires_grad_()
     w = batch["weight"].detach().clone().requires_grad_()
     if cfg.get("_vllm"):
-        kw["vllm_is_ratio"] = torch.linspace(0.5, 1.5, h.shape[0] * h.shape[1]).view(h.shape[:2])
+        kw["vllm_is_ratio"] = torch.linspace(0.5, 1.5, h.shape[0] * h.shape[1], device=h.device).view(h.shape[:2])
     loss, metrics = fn(h, w, batch["ids"], batch["mask"], batch["adv"], batch["old"], batch["ref"], **kw, **extra)
     loss.backward()
     return loss.detach(), h.grad, w.grad, metrics
@@ -97,10 +97,12 @@ def test_qwen_vocabulary_remainder_triton(tile_v, monkeypatch):
     from fastebm.kernels import fused_linear_logprobs as ll
 
     monkeypatch.setattr(ll, "TILES_INTERPRET", dict(fwd_m=16, fwd_v=tile_v, fwd_k=16, bwd_m=16, bwd_v=tile_v,
-                                                    bwd_k=16, num_warps=4, num_stages=1))
+                                                    bwd_k=16, dz_m=16, dz_v=tile_v, dz_k=16, num_warps=4,
+                                                    num_stages=1))
+    monkeypatch.setattr(ll, "PANEL_INTERPRET", (16, 8 * tile_v))   # "gemm" panels of whole tiles, the last ragged
     V = 152064
     b = make_batch(1, 4, 16, V, seed=5, masked_row=False)
-    b["ids"] = torch.tensor([[0, V - 1, V - 300, 151999]])
+    b["ids"] = torch.tensor([[0, V - 1, V - 300, 151999]], device=DEVICE)
     cfg = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type="bnpo", temperature=0.9)
     out = _run(fused_linear_grpo_loss, b, cfg, torch.float32, backend="triton")
     ref = _run(fused_linear_grpo_loss_ref, b, cfg, torch.float32, upcast=True)
@@ -117,7 +119,7 @@ def test_bias_and_frozen_weight(backend, small_tiles):
     b = make_batch(2, 6, 24, 333, seed=7, masked_row=False)
     h = b["hidden"].clone().requires_grad_()
     w = b["weight"].clone()                    # frozen lm_head (LoRA-style): no weight gradient
-    bias = (0.3 * torch.randn(333)).requires_grad_()
+    bias = (0.3 * torch.randn(333)).to(DEVICE).requires_grad_()
     lp = linear_logprobs(h, w, b["ids"], 0.8, bias=bias, backend=backend)
     (lp * b["mask"]).sum().backward()
     h64 = b["hidden"].double().requires_grad_()
@@ -156,13 +158,16 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_cpu_path_never_materialises_full_logits(monkeypatch):
-    # Force several token AND vocabulary chunks; the largest tensor any op makes in forward and
-    # backward must be a chunk, far below N x V (the weight gradient (V, H) is the legit maximum).
+@pytest.mark.parametrize("strategy", ["gemm", "atomic", "sparse"])
+def test_cpu_path_never_materialises_full_logits(strategy, monkeypatch):
+    # Force several token AND vocabulary chunks (panels for "gemm"); the largest tensor any op makes
+    # in forward and backward must be a chunk, far below N x V (the weight gradient (V, H) is the
+    # legit maximum).
     from fastebm.kernels import fused_linear_logprobs as ll
 
     monkeypatch.setattr(ll, "CHUNK_TOKENS", 8)
     monkeypatch.setattr(ll, "CHUNK_ELEMS", 8 * 128)
+    monkeypatch.setattr(ll, "PANEL_CPU", (8, 128))
     B, T, H, V = 2, 20, 8, 1000
     b = make_batch(B, T, H, V, seed=2)
     h = b["hidden"].clone().requires_grad_()
@@ -170,7 +175,7 @@ def test_cpu_path_never_materialises_full_logits(monkeypatch):
     cfg = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type="grpo")
     with _LargestTensor() as probe:
         loss, _ = fused_linear_grpo_loss(h, w, b["ids"], b["mask"], b["adv"], b["old"], b["ref"],
-                                         backend="torch", **cfg)
+                                         backend="torch", backward=strategy, **cfg)
         loss.backward()
     assert probe.largest <= max(V * H, 8 * 128), probe.largest
     assert probe.largest < B * T * V

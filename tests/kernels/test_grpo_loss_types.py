@@ -354,10 +354,10 @@ def test_dropin_signature_is_liger_0_8_5():
 
     assert _params(FusedLinearGRPOLoss.__init__) == _params(LigerFusedLinearGRPOLoss.__init__)
     assert _params(FusedLinearGRPOLoss.forward) == _params(LigerFusedLinearGRPOLoss.forward)
-    # fastebm's only extra is keyword-only
+    # fastebm's extras (the backend and the backward strategy) are keyword-only
     extra = [p.name for p in inspect.signature(FusedLinearGRPOLoss.__init__).parameters.values()
              if p.kind is p.KEYWORD_ONLY]
-    assert extra == ["backend"]
+    assert extra == ["backend", "backward", "backward_chunk_mb", "deterministic"]
 
 
 @pytest.mark.parametrize("loss_type", LIGER_TOKEN_ONLY)

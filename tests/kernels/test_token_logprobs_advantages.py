@@ -7,7 +7,7 @@ import torch
 from fastebm.model.logprobs import scoring_logprobs
 from fastebm.kernels import group_advantages, group_advantages_ref, token_logprobs, token_logprobs_ref
 
-from kernel_helpers import BACKENDS, assert_3way, make_batch
+from kernel_helpers import BACKENDS, DEVICE, assert_3way, make_batch
 
 
 # vocabulary splits are a Triton launch parameter: the torch path runs once per dtype
@@ -41,7 +41,7 @@ def test_scoring_logprobs_front_end_matches_reference():
 def test_group_advantages(backend, normalize, group_size, scale):
     g = torch.Generator().manual_seed(group_size)
     names = ["format", "accuracy", "clip", "pcg"]
-    rewards = {n: torch.randn(4 * group_size, generator=g) * (i + 1) for i, n in enumerate(names)}
+    rewards = {n: (torch.randn(4 * group_size, generator=g) * (i + 1)).to(DEVICE) for i, n in enumerate(names)}
     rewards["clip"][:group_size] = 0.5       # a constant group: std 0, advantage 0 (eps keeps it finite)
     weights = {"format": 1.0, "accuracy": 1.0, "clip": 0.8, "pcg": 0.8}
     out = group_advantages(rewards, weights, group_size, normalize, scale=scale, backend=backend)
@@ -54,4 +54,4 @@ def test_group_advantages(backend, normalize, group_size, scale):
 
 def test_group_advantages_rejects_ragged_groups():
     with pytest.raises(ValueError):
-        group_advantages(torch.randn(2, 7), [1.0, 1.0], 4, backend="triton")
+        group_advantages(torch.randn(2, 7, device=DEVICE), [1.0, 1.0], 4, backend="triton")

@@ -1,7 +1,8 @@
 """Cascade attention (per-prompt shared prefixes + per-sample suffixes, merged by log-sum-exp)
 against SDPA over copied prefixes.
 
-The Triton kernels run under TRITON_INTERPRET=1 here (tests/conftest.py); shapes are small and odd:
+Device-generic: on a CPU the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py), on a
+GPU natively on CUDA tensors (bf16 without widening). Shapes are small and odd:
 prefixes of different lengths in one call, lengths not a multiple of the block, grouped-query
 heads, n = 0 suffix tokens, head dim not a power of two.
 """
@@ -12,9 +13,12 @@ from fastebm.kernels.cascade_attention import (cascade_attention, cascade_attent
                                                cascade_attention_torch, cascade_attention_triton)
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def make(B, G, Hq, Hkv, lens, T, D, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype)  # noqa: E731
     P = max(lens)
     return r(B * G, Hq, D), r(B, Hkv, P, D), r(B, Hkv, P, D), list(lens), r(B * G, Hkv, T, D), r(B * G, Hkv, T, D)
 
@@ -66,7 +70,7 @@ def test_public_dispatch_and_shape_errors():
     torch.testing.assert_close(cascade_attention(*args, 3), cascade_attention_torch(*args, 3))
     q, pk, pv, lens, sk, sv = args
     with pytest.raises(ValueError, match="not a multiple"):
-        cascade_attention_torch(torch.randn(4, 3, 8), pk, pv, lens, sk, sv, 3)
+        cascade_attention_torch(torch.randn(4, 3, 8, device=DEVICE), pk, pv, lens, sk, sv, 3)
     with pytest.raises(ValueError, match="n=9"):
         cascade_attention_torch(*args, 9)
     with pytest.raises(ValueError, match="prefix_len"):
