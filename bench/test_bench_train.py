@@ -107,7 +107,8 @@ class SequentialPCG:
         return out
 
 
-STEP = ["rollout.group_size=8", "rollout.temperature=0", "log.progress=false", "train.steps=1000"]
+STEP = ["rollout.group_size=8", "rollout.temperature=0", "log.progress=false", "train.steps=1000",
+        *(["run.device=cuda"] if GPU else [])]
 RELEASE = ["rollout.shared_prefix=false", "grpo.kernel=eager"]
 
 
