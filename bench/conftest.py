@@ -194,7 +194,7 @@ class GuardRecorder:
         self.verdicts.append(v)
         print(f"\nguard {v.message}")
         if v.failed:
-            pytest.fail(f"guard {v.message} (overrides of the fastebm side: {bench_overrides() or 'none'})",
+            pytest.fail(f"guard {v.message} (overrides of the fastebm side: {' '.join(bench_overrides()) or 'none'})",
                         pytrace=False)
 
     def speedup(self, name: str, *, op: str, shape: str, reference: tuple[str, Callable], fastebm: tuple[str, Callable],
@@ -236,4 +236,5 @@ def pytest_terminal_summary(terminalreporter):
                   f"{' '.join(bench_overrides()) or 'none'}")
     tr.write_line(summary(rec.verdicts))
     if os.path.exists(rec.writer.path):
-        tr.write_line(f"results: {os.path.relpath(rec.writer.path, REPO)}")
+        path = rec.writer.path
+        tr.write_line(f"results: {os.path.relpath(path, REPO) if path.startswith(REPO + os.sep) else path}")
