@@ -3,11 +3,19 @@ loss and Liger's chunked fused-linear GRPO loss; time (pytest-benchmark) and pea
 
     pytest bench/test_bench_kernels.py                       # CPU: scaled-down shapes, a few minutes
     pytest bench/test_bench_kernels.py --benchmark-json=k.json   # on a GPU: the flagship shapes
+    pytest bench/test_bench_kernels.py -m quick              # only the guards (floors in bench/floors.toml)
 
 Shapes: on CUDA the flagship T = 8 x 1024 completion tokens, H = 3584, V = 152064 (Qwen2-VL), bf16.
 On the CPU the issue's side-by-side T = 2048, H = 64, V = 152064, fp32, forward + backward (and the
 same shape for the scoring pass; a smaller logits shape for the logits loss). Providers that need
 a GPU (Triton kernels, torch.compile) are skipped without one. Peak memory: see bench/conftest.py.
+
+The "fastebm" provider is the trainer's entry point (``compute_grpo_loss`` / ``scoring_logprobs``)
+with ``grpo.kernel`` of ``bench_config()``, so ``--fastebm-set grpo.kernel=eager`` routes it through
+the eager path. Guards (``-m quick``): the loss fwd+bwd against Liger's chunked loss (time), its
+peak memory growth against the full fp32 logits, and the scoring pass against PyTorch eager (time),
+on the CPU at T = 512 (time) and 1,024 (memory) tokens, one torch thread, to stay quick and stable;
+on CUDA at the flagship shape.
 """
 from __future__ import annotations
 
@@ -16,7 +24,8 @@ import os
 import pytest
 import torch
 
-from conftest import HAS_CUDA, cpu_peak_rss_growth, cuda_peak_growth, device, device_name
+from conftest import (HAS_CUDA, bench_config, cpu_peak_rss_growth, cuda_peak_growth, device, device_name,
+                      guard_threads)
 
 HERE = os.path.abspath(__file__)
 GPU_ONLY = {"compile", "liger_triton"}
@@ -70,11 +79,13 @@ def fused_linear_call(provider, B, T, H, V, dtype):
     w = w0.clone().requires_grad_()
     options = GRPOLossOptions(**KW)
 
-    if provider == "fastebm":
-        from fastebm.kernels import fused_linear_grpo_loss
+    if provider == "fastebm":  # the trainer's front-end: grpo.kernel decides fused or eager
+        from fastebm.grpo.loss import compute_grpo_loss
+
+        kernel = bench_config().grpo.kernel
 
         def loss():
-            return fused_linear_grpo_loss(h, w, ids, mask, adv, old, ref, options)[0]
+            return compute_grpo_loss(h, w, ids, mask, adv, old, ref, options, kernel=kernel).loss
     elif provider == "eager":
         def loss():
             return _eager_loss(h, w, ids, mask, adv, old, ref, options)
@@ -113,10 +124,13 @@ def fused_linear_call(provider, B, T, H, V, dtype):
 
 def token_logprobs_call(provider, B, T, H, V, dtype):
     h, w, ids, *_ = _inputs(B, T, H, V, dtype)
-    if provider == "fastebm":
-        from fastebm.kernels import token_logprobs
+    if provider == "fastebm":  # the scoring passes' entry point: grpo.kernel decides fused or eager
+        from fastebm.model.logprobs import scoring_logprobs
 
-        fn = token_logprobs
+        kernel = bench_config().grpo.kernel
+
+        def fn(h, w, ids):
+            return scoring_logprobs(h, w, ids, kernel=kernel)
     elif provider == "eager":
         fn = _eager_logps
     elif provider == "compile":
@@ -229,3 +243,50 @@ def test_group_advantages(benchmark, provider):
     fn = group_advantages if provider == "fastebm" else group_advantages_ref
     benchmark.extra_info.update(device=device_name(), provider=provider)
     benchmark(lambda: fn(rewards, [1.0, 1.0, 0.8, 0.8], 8))
+
+
+# ------------------------------------------------------------------------------------ guards --- #
+
+def guard_shape(tokens: int):
+    """(B, T, H, V, dtype) of a guard: the flagship shape on CUDA; one row of ``tokens`` on the CPU."""
+    return fused_shape() if HAS_CUDA else (1, tokens, 64, 152064, torch.float32)
+
+
+def _shape_str(shape) -> str:
+    B, T, H, V, dtype = shape
+    return f"B={B} T={T} H={H} V={V} {str(dtype).removeprefix('torch.')}"
+
+
+@pytest.mark.quick
+def test_guard_fused_loss_vs_liger_chunked(guard):
+    shape = guard_shape(512)
+    guard.speedup("fused_loss_speedup_vs_liger_chunked", op="grpo_loss_fwd_bwd", shape=_shape_str(shape),
+                  reference=("liger_chunked", fused_linear_call("liger_chunked", *shape)),
+                  fastebm=("fastebm", fused_linear_call("fastebm", *shape)), rounds=5)
+
+
+@pytest.mark.quick
+def test_guard_fused_loss_memory(guard):
+    """Peak memory growth of the loss fwd+bwd (gradients included) as a fraction of the logits it avoids."""
+    shape = guard_shape(1024)
+    B, T, H, V, _ = shape
+    logits = B * T * V * 4  # the full fp32 logits of the eager path (its gradient would double them)
+    if HAS_CUDA:
+        call = fused_linear_call("fastebm", *shape)
+        call()
+        peak = cuda_peak_growth(call)
+    else:
+        peak = cpu_peak_rss_growth(HERE, "fused_linear_call", "fastebm", *shape, threads=guard_threads())
+    guard.row("grpo_loss_fwd_bwd", "fastebm", _shape_str(shape), "peak_mem_bytes", peak)
+    guard.row("grpo_loss_fwd_bwd", "fp32 logits", _shape_str(shape), "bytes", logits)
+    print(f"\nloss fwd+bwd peak growth {peak / 2**20:.0f} MiB, full fp32 logits {logits / 2**20:.0f} MiB")
+    guard.check("fused_loss_logits_memory_multiple", logits / peak, op="grpo_loss_fwd_bwd",
+                provider="fastebm/fp32 logits", shape=_shape_str(shape))
+
+
+@pytest.mark.quick
+def test_guard_scoring_logprobs_vs_eager(guard):
+    shape = guard_shape(512)
+    guard.speedup("scoring_logprobs_speedup_vs_eager", op="token_logprobs", shape=_shape_str(shape),
+                  reference=("eager", token_logprobs_call("eager", *shape)),
+                  fastebm=("fastebm", token_logprobs_call("fastebm", *shape)), rounds=7)

@@ -1,6 +1,7 @@
 """Repeated prefix against shared prefix: rollout, scoring forward, training forward (fwd+bwd).
 
     python -m pytest bench/test_bench_prefix.py --benchmark-group-by=param:phase,param:ratio,param:G
+    python -m pytest bench/test_bench_prefix.py -m quick       # the three guards only
 
 Scoring and training run three ways: ``repeated``; ``shared-mask`` (the packed row through the
 model's attention with a dense block mask); ``shared`` (the packed row with block-by-block
@@ -10,6 +11,11 @@ Prefix/suffix ratios 1, 4 and 16 and G = 4, 8, 16 with a suffix of S tokens. On 
 random Qwen2-VL (hidden 256, 4 layers; S = 16). On a GPU: a model of Qwen2-VL-2B's shape (hidden
 1536, 28 layers, 12 heads, 2 KV heads; S = 128). Both are built from a config with random weights.
 Rollout lengths are fixed (EOS is never a stop here) so both paths decode the same number of tokens.
+
+Guards (``-m quick``) at prefix 16x the completion, G = 8: rollout, scoring pass and training
+fwd+bwd, the repeated prefix against the path the trainer takes for ``rollout.shared_prefix`` of
+``bench_config()`` (so ``--fastebm-set rollout.shared_prefix=false`` times repeated against repeated).
+Scoring runs the trainer's ``suffix_logprobs`` with the same ``grpo.kernel`` on both sides.
 """
 
 import os
@@ -19,13 +25,13 @@ import pytest
 import torch
 
 from fastebm.config import RolloutConfig, VideoConfig
-from fastebm.model.logprobs import scoring_logprobs, training_logprobs
+from fastebm.model.logprobs import scoring_logprobs, suffix_logprobs, training_logprobs
 from fastebm.model import decode as decode_mod
 from fastebm.model import rollout as rollout_mod
 from fastebm.model.forward import Prompt, completion_hidden_states, lm_head_weight
 from fastebm.model.prefix import shared_prefix_hidden_states
 
-from conftest import cpu_peak_rss_growth, cuda_peak_growth
+from conftest import bench_config, cpu_peak_rss_growth, cuda_peak_growth
 
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")
@@ -149,7 +155,7 @@ def train_call(model, tok, video, mode, ratio, G, s=S):
         cb = fn(model, [prompt], comps, [0] * G)
         loss = (training_logprobs(cb.hidden, W, cb.ids, kernel="eager") * cb.mask).sum()
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     return fwd_bwd
 
@@ -213,3 +219,53 @@ def test_prefix_kv_memory_independent_of_G(model_and_video):
     prefix = {G: s[0] for G, s in sizes.items()}
     assert len(set(prefix.values())) == 1, prefix
     assert sizes[16][1] == 4 * sizes[4][1]  # suffix buffers scale with G, the prefix does not
+
+
+# ------------------------------------------------------------------------------------ guards --- #
+
+GUARD_RATIO, GUARD_G = 16, 8
+
+
+def _guard_prompt(model_and_video):
+    model, tok, video = model_and_video
+    prompt = make_prompt(model, tok, video, GUARD_RATIO * S)
+    return prompt, f"P={len(prompt.ids)} S={S} G={GUARD_G}"
+
+
+@pytest.mark.quick
+def test_guard_prefix_rollout(guard, model_and_video, no_eos):
+    model, tok, _ = model_and_video
+    prompt, shape = _guard_prompt(model_and_video)
+    cfg = RolloutConfig(group_size=GUARD_G, temperature=1.0, max_new_tokens=S)
+    # What Trainer.rollout runs for this setting.
+    fast = decode_mod.shared_prefix_rollout if bench_config().rollout.shared_prefix else rollout_mod.rollout
+    guard.speedup("prefix_rollout_speedup", op="rollout", shape=shape,
+                  reference=("repeated", lambda: rollout_mod.rollout(model, tok, [prompt], cfg)),
+                  fastebm=("fastebm", lambda: fast(model, tok, [prompt], cfg)), rounds=5)
+
+
+@pytest.mark.quick
+def test_guard_prefix_scoring(guard, model_and_video):
+    model, tok, _ = model_and_video
+    prompt, shape = _guard_prompt(model_and_video)
+    comps = _completions(GUARD_G)
+    cfg = bench_config()
+
+    def score(shared_prefix):  # the trainer's reference / old-policy pass (one forward per prompt group)
+        return lambda: suffix_logprobs(model, [prompt], comps, [0] * GUARD_G, kernel=cfg.grpo.kernel,
+                                       shared_prefix=shared_prefix, pad_id=tok.pad_token_id or 0)
+
+    guard.speedup("prefix_scoring_speedup", op="scoring", shape=shape, reference=("repeated", score(False)),
+                  fastebm=("fastebm", score(cfg.rollout.shared_prefix)), rounds=5)
+
+
+@pytest.mark.quick
+def test_guard_prefix_training(guard, model_and_video):
+    _, shape = _guard_prompt(model_and_video)
+    mode = "shared" if bench_config().rollout.shared_prefix else "repeated"  # Trainer.hidden_states' choice
+    try:
+        guard.speedup("prefix_training_speedup", op="train_fwd_bwd", shape=shape,
+                      reference=("repeated", train_call(*model_and_video, "repeated", GUARD_RATIO, GUARD_G)),
+                      fastebm=("fastebm", train_call(*model_and_video, mode, GUARD_RATIO, GUARD_G)), rounds=5)
+    finally:
+        model_and_video[0].zero_grad(set_to_none=True)

@@ -3,10 +3,14 @@ reference-style loop (one BERTScore call and one CLIP text pass per completion, 
 per sample plus the base, unbatched — what the reference's HTTP servers and PCG loop do).
 
     python -m pytest bench/test_bench_rewards.py
+    python -m pytest bench/test_bench_rewards.py -m quick     # the guard only
 
 Models: the tiny policy as PCG teacher, the tiny BERT (BERTScore) and tiny CLIP of the tiny recipe,
 2 prompts x G = 8. On a GPU the same code runs on CUDA. Frame embeddings are cached in both variants
 (the reference precomputes them offline), so the CLIP difference is the text passes.
+
+Guard (``-m quick``): the sequential loop against the batched rewards with the PCG teacher pass set
+as the trainer sets it (``rollout.shared_prefix`` and ``grpo.kernel`` of ``bench_config()``).
 """
 import os
 import sys
@@ -24,16 +28,18 @@ from fastebm.rewards import RewardContext, RewardInputs, build_rewards  # noqa: 
 from fastebm.rewards.pcg import teacher_answer_loglik  # noqa: E402
 from fastebm.rewards.text import extract_tag, vision_think_blocks  # noqa: E402
 
+from conftest import bench_config  # noqa: E402
+
 G = 8
 GPU = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, bench_cache):
     from helpers import clip_sample, make_prompt, tiny_model
 
     d = tmp_path_factory.mktemp("bench_rewards")
-    teacher = tiny_model("qwen2vl", str(d / "models"))
+    teacher = tiny_model("qwen2vl", str(bench_cache.models))
     if GPU:
         teacher.model.to("cuda")
     v = teacher.model.config.vision_config
@@ -43,7 +49,7 @@ def setup(tmp_path_factory):
     records = [parse_record(r, "sample.json", i) for i, r in enumerate(make_records()[:2])]
     cfg = RewardsConfig(enabled=["format", "accuracy", "clip", "pcg"])
     cfg.accuracy.tiny = cfg.clip.tiny = True
-    ctx = RewardContext(reference=teacher, tiny_cache_dir=str(d / "models"), device="cuda" if GPU else "cpu")
+    ctx = RewardContext(reference=teacher, tiny_cache_dir=str(bench_cache.models), device="cuda" if GPU else "cpu")
     fns = build_rewards(cfg.enabled, cfg, ctx)
     comps = []
     for p in range(2):
@@ -103,3 +109,16 @@ def test_rewards_sequential_reference_style(benchmark, setup):
     ref = batched(fns, comps, inputs)
     for n in ("accuracy", "clip", "pcg"):  # same values, only the batching differs
         assert out[n] == pytest.approx(ref[n], abs=1e-4), n
+
+
+@pytest.mark.quick
+def test_guard_rewards_vs_sequential(guard, setup):
+    fns, comps, inputs, teacher = setup
+    cfg, pcg = bench_config(), fns["pcg"]
+    pcg.shared_prefix, pcg.kernel = cfg.rollout.shared_prefix, cfg.grpo.kernel  # as the trainer builds it
+    try:
+        guard.speedup("rewards_speedup_vs_sequential", op="rewards", shape=f"G={G} prompts=2 format+accuracy+clip+pcg",
+                      reference=("sequential", lambda: sequential(fns, comps, inputs, teacher)),
+                      fastebm=("fastebm", lambda: batched(fns, comps, inputs)), rounds=5)
+    finally:
+        pcg.shared_prefix, pcg.kernel = False, "fused"
