@@ -23,6 +23,7 @@ import torch
 
 from fastebm.config import GRPOConfig
 from fastebm.kernels import BackwardOptions, GRPOLossOptions, LossOutput, fused_linear_grpo_loss, grpo_loss_reference
+from fastebm.kernels.grpo_semantics import GLOBAL_TOKEN_NORMALISED, LOSS_TYPES
 
 KERNELS = ("fused", "eager")
 
@@ -40,6 +41,21 @@ def loss_options(grpo_cfg: GRPOConfig, temperature: float, max_completion_length
         vespo_k_pos=g.vespo_k_pos, vespo_lambda_pos=g.vespo_lambda_pos, vespo_k_neg=g.vespo_k_neg,
         vespo_lambda_neg=g.vespo_lambda_neg, top_entropy_quantile=g.top_entropy_quantile,
         off_policy_mask_threshold=g.off_policy_mask_threshold, kl_clamp=g.kl_clamp)
+
+
+def micro_batch_scale(loss_type: str, *, sequences: int, total_sequences: int, tokens: int,
+                      total_tokens: int) -> float:
+    """The factor on a micro-batch's loss that makes the accumulated gradient that of the whole batch:
+    the micro-batch's share of the sequences for the per-sequence means (grpo, sapo, luspo) and
+    dr_grpo's constant, its share of the tokens for bnpo; 1 for dapo, cispo and vespo, which already
+    divide by the global token count (``num_items_in_batch``)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"grpo.loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type in GLOBAL_TOKEN_NORMALISED:
+        return 1.0
+    if loss_type == "bnpo":
+        return tokens / max(1, total_tokens)
+    return sequences / max(1, total_sequences)
 
 
 def backward_options(grpo_cfg: GRPOConfig) -> BackwardOptions:

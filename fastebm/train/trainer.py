@@ -40,7 +40,7 @@ from fastebm.config import Config, validate_grpo
 from fastebm.data.prompts import load_templates
 from fastebm.data.records import Profiles, Record, RecordSampler
 from fastebm.grpo.advantages import combine_rewards
-from fastebm.grpo.loss import backward_options, compute_grpo_loss, loss_options
+from fastebm.grpo.loss import backward_options, compute_grpo_loss, loss_options, micro_batch_scale
 from fastebm.model.decode import shared_prefix_rollout
 from fastebm.model.forward import completion_hidden_states, lm_head_weight
 from fastebm.model.prefix import shared_prefix_hidden_states
@@ -368,13 +368,8 @@ class Trainer:
                     options, kernel=g.kernel, backward=backward_options(g), num_items_in_batch=total_tokens,
                     sampling_logps=sl(sampling))
                 mb_tokens = int(mask.sum())
-                # Scale each micro-batch so that the accumulated gradient is that of the whole batch:
-                # per-sequence means (grpo, sapo, luspo) and dr_grpo's constant by the micro-batch's share of
-                # the sequences, bnpo by its share of the tokens; dapo / cispo / vespo already divide by
-                # the global token count.
-                scale = {"grpo": len(idx) / N, "sapo": len(idx) / N, "luspo": len(idx) / N, "dr_grpo": len(idx) / N,
-                         "bnpo": mb_tokens / max(1, total_tokens), "dapo": 1.0, "cispo": 1.0,
-                         "vespo": 1.0}[g.loss_type]
+                scale = micro_batch_scale(g.loss_type, sequences=len(idx), total_sequences=N, tokens=mb_tokens,
+                                          total_tokens=total_tokens)  # accumulated: the whole batch's gradient
                 loss = out.loss * scale
                 if not torch.isfinite(loss):
                     raise TrainingError(

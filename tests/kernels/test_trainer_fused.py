@@ -72,8 +72,12 @@ def test_new_loss_options_train_alike_on_both_kernels(tmp_path):
         for k in ("loss", "loss/last", "kl", "grad_norm"):
             assert abs(a[k] - b[k]) <= 1e-5 + 1e-4 * abs(b[k]), (k, a[k], b[k])
     assert hf[0]["grad_norm"] > 0
+    # Adam divides each element's gradient by its own running scale, so where an element's gradient
+    # is near zero the two paths' fp32 rounding can move its update by up to the learning rate
+    # (tiny.toml: 1e-3; seen: one element of 37,632 off by 3.5e-6). The bound is 1% of one update: a
+    # path that dropped an option (a mask, the bias correction) moves thousands of elements by ~lr.
     for n in wr:
-        torch.testing.assert_close(wf[n], wr[n], atol=1e-6, rtol=1e-4, msg=n)
+        torch.testing.assert_close(wf[n], wr[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
 @pytest.mark.slow
