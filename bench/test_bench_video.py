@@ -122,7 +122,7 @@ def two_epochs(tmp_path_factory, bench_cache):
     try:
         with timing_threads():  # not timed, but one torch thread keeps a loaded 2-core machine moving
             for epoch in (1, 2):
-                t.cfg.train.steps = epoch * steps  # this epoch's last step decodes nothing ahead
+                t.total_steps = epoch * steps  # this epoch's last step decodes nothing ahead
                 used.clear()
                 reset_decode_stats()
                 for _ in range(steps):
