@@ -85,38 +85,37 @@ def _check(args, cfg, command: str) -> int:
 
 
 def cmd_train(args) -> int:
-    cfg = _config(args)
-    if cfg is None:
-        return 0
-    if args.check:
-        return _check(args, cfg, "train")
-    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
-        return launch(args, cfg)
-    from fastebm.train.stop import install_early_handlers
-    from fastebm.train.trainer import Trainer
-
-    setup_logging(os.path.expanduser(cfg.run.output_dir))
-    install_early_handlers()  # a preemption signal while the models load is acted on after step 1
-    trainer = Trainer(cfg)
-    log.info("training %s for %d steps -> %s", cfg.model.path or f"tiny {cfg.model.tiny}", trainer.total_steps,
-             trainer.run_dir)
-    return _run(trainer, cfg)
+    return _train_command(args, "train")
 
 
 def cmd_sft(args) -> int:
+    return _train_command(args, "sft")
+
+
+def _train_command(args, command: str) -> int:
+    """``fastebm train`` / ``fastebm sft``: the config, then ``--check``, the launcher (``--nproc-per-node``
+    outside torchrun) or the run itself."""
     cfg = _config(args)
     if cfg is None:
         return 0
     if args.check:
-        return _check(args, cfg, "sft")
+        return _check(args, cfg, command)
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
         return launch(args, cfg)
-    from fastebm.train.sft import SFTTrainer
     from fastebm.train.stop import install_early_handlers
 
     setup_logging(os.path.expanduser(cfg.run.output_dir))
     install_early_handlers()  # a preemption signal while the models load is acted on after step 1
-    trainer = SFTTrainer(cfg)
+    if command == "sft":
+        from fastebm.train.sft import SFTTrainer
+
+        trainer = SFTTrainer(cfg)
+    else:
+        from fastebm.train.trainer import Trainer
+
+        trainer = Trainer(cfg)
+        log.info("training %s for %d steps -> %s", cfg.model.path or f"tiny {cfg.model.tiny}", trainer.total_steps,
+                 trainer.run_dir)
     return _run(trainer, cfg)
 
 
