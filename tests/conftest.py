@@ -15,3 +15,18 @@ if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread for a module (``pytestmark = pytest.mark.usefixtures(...)``).
+    With two, every small op waits on a thread barrier, which on a loaded 2-core machine made the loss
+    tests ~100x slower (0.3 s per tiny backward); results do not depend on it (both sides of every
+    comparison run in the same setting)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

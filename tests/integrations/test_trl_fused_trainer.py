@@ -33,15 +33,7 @@ LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vesp
 PROMPTS = ["the video shows", "a cat and", "what is", "answer:"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread. With two, every small op waits on a thread barrier, which on
-    a loaded 2-core machine made these tests ~100x slower (0.3 s per tiny backward); results do not
-    depend on it (both sides of every comparison run in the same setting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -38,15 +38,7 @@ TIGHT = dict(rtol=1e-9, atol=1e-12)        # float64 against float64
 LIGER = dict(rtol=1e-4, atol=2e-6)         # float64 against Liger's fp32 internals
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread. With two, every small op waits on a thread barrier, which on
-    a loaded 2-core machine made these tests ~100x slower (0.3 s per tiny backward); results do not
-    depend on it (both sides of every comparison run in the same setting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _options(loss_type, level="token", delta=None, bias_kl=False, beta=0.04, **kw):
