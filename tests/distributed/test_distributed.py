@@ -19,37 +19,22 @@ import textwrap
 import pytest
 import torch
 
+from distributed.cli_runs import ROOT, STEPS, clean_env, run_cli  # noqa: E402
+from distributed.cli_runs import assert_same_step as assert_same  # noqa: E402
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # real torchrun processes: the full suite only
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "recipes", "tiny.toml")
-STEPS = 3
 COMPARED = ["loss", "kl", "grad_norm", "reward/total", "reward/format", "reward/accuracy", "adv/std",
             "tokens/completion", "tokens/prefix", "completion/truncated_frac", "lr", "samples_skipped"]
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
-    return env
-
-
 def train(cache, out, *overrides, nproc=1, timeout=400):
-    cmd = [sys.executable, "-m", "fastebm.cli", "train", TINY]
-    if nproc > 1:
-        cmd += ["--nproc-per-node", str(nproc)]
-    cmd += [f"run.output_dir={out}", f"model.tiny_cache_dir={cache['models']}", f"data.sample_dir={cache['data']}",
-            "log.progress=false", f"train.steps={STEPS}", "train.checkpoint_every=1", "train.keep_checkpoints=0",
-            "rollout.max_new_tokens=16", *overrides]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env())
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-5000:]
-    return [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl")) if ln.strip()]
+    return run_cli("train", TINY, cache, out, "rollout.max_new_tokens=16", *overrides, nproc=nproc, timeout=timeout)
 
 
 def assert_same_step(a, b):
-    assert a["step"] == b["step"]
-    for k in COMPARED:
-        assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k, a[k], b[k])
+    assert_same(a, b, COMPARED)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +84,7 @@ def test_export_loads_with_from_pretrained_and_holds_the_trained_weights(runs, t
 
     ck = runs["base"] / "two" / "checkpoints" / str(STEPS)
     res = subprocess.run([sys.executable, "-m", "fastebm.cli", "export", str(ck), str(tmp_path / "hf")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=clean_env())
     assert res.returncode == 0, res.stderr[-3000:]
     model = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "hf"))
     dcp_to_torch_save(str(ck), str(tmp_path / "raw.pt"))
@@ -148,7 +133,7 @@ def test_a_dead_rank_ends_the_job_and_the_last_checkpoint_loads(runs, tmp_path):
            f"data.sample_dir={runs['cache']['data']}", "log.progress=false", "train.steps=4",
            "train.checkpoint_every=1", "rollout.max_new_tokens=8", "rewards.enabled=['format','die_on_rank1']",
            "rewards.weights={format=1.0,die_on_rank1=1.0}", "parallel.timeout_s=120"]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=clean_env())
     err = res.stdout + res.stderr
     assert res.returncode != 0, err[-3000:]
     assert "rank 1: simulated crash" in err
@@ -161,7 +146,7 @@ def test_a_dead_rank_ends_the_job_and_the_last_checkpoint_loads(runs, tmp_path):
     steps = sorted(int(n) for n in os.listdir(out / "checkpoints") if n.isdigit())
     assert steps == [1]
     res = subprocess.run([sys.executable, "-m", "fastebm.cli", "export", str(out / "checkpoints" / "1"),
-                          str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
+                          str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True, timeout=300, env=clean_env())
     assert res.returncode == 0, res.stderr[-3000:]
     from transformers import AutoModelForImageTextToText
 
@@ -171,10 +156,10 @@ def test_a_dead_rank_ends_the_job_and_the_last_checkpoint_loads(runs, tmp_path):
 def test_degrees_are_checked_against_the_world_size(tmp_path):
     res = subprocess.run([sys.executable, "-m", "fastebm.cli", "train", TINY, "--nproc-per-node", "2",
                           "train.prompts_per_step=3"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env=_env())
+                         env=clean_env())
     assert res.returncode == 2 and "not divisible by the world size 2" in res.stderr, res.stderr[-2000:]
     res = subprocess.run([sys.executable, "-m", "fastebm.cli", "train", TINY, "--nproc-per-node", "2",
-                          "parallel.dp_shard=4"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=_env())
+                          "parallel.dp_shard=4"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=clean_env())
     assert res.returncode == 2 and "the world size is 2" in res.stderr, res.stderr[-2000:]
 
 
@@ -228,7 +213,7 @@ def test_only_rank0_reads_the_weights_the_others_get_their_shards(runs, tmp_path
     script.write_text(LOAD)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           str(script), str(model_dir), str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env=_env())
+                         timeout=300, env=clean_env())
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-5000:]
     out = {r["rank"]: r for r in (json.load(open(tmp_path / f"rank{i}.json")) for i in range(2))}
     assert sorted(out) == [0, 1]

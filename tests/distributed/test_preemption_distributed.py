@@ -20,9 +20,9 @@ import pytest
 
 from fastebm.train.metrics import read_metrics
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+from distributed.cli_runs import ROOT, clean_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 RECIPES = {"train": os.path.join(ROOT, "recipes", "tiny.toml"), "sft": os.path.join(ROOT, "recipes", "tiny_sft.toml")}
 
 
@@ -39,13 +39,6 @@ def _children(pid):
     return out
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    return env
-
-
 @pytest.mark.parametrize("kind,sig,to", [("train", signal.SIGTERM, "launcher"), ("sft", signal.SIGUSR1, "ranks")],
                          ids=["train-SIGTERM-to-the-command", "sft-SIGUSR1-to-every-rank"])
 def test_two_ranks_save_the_step_together_and_exit_75(tmp_path, kind, sig, to):
@@ -55,7 +48,7 @@ def test_two_ranks_save_the_step_together_and_exit_75(tmp_path, kind, sig, to):
     cmd = [sys.executable, "-m", "fastebm.cli", kind, RECIPES[kind], "--nproc-per-node", "2", f"run.output_dir={out}",
            f"model.tiny_cache_dir={tmp_path / 'models'}", f"data.sample_dir={tmp_path / 'sample'}",
            "log.progress=false", "train.steps=500", "train.checkpoint_every=0", *cheap]
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists() or not read_metrics(str(out)):
         assert p.poll() is None and time.time() < deadline, p.communicate()[1][-3000:]

@@ -11,43 +11,27 @@ Each run is a subprocess (``python -m fastebm.cli sft ... [--nproc-per-node 2]``
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from distributed.cli_runs import ROOT, STEPS, run_cli  # noqa: E402
+from distributed.cli_runs import assert_same_step as assert_same  # noqa: E402
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # real torchrun processes: the full suite only
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SFT = os.path.join(ROOT, "recipes", "tiny_sft.toml")
-STEPS = 3
 COMPARED = ["loss", "grad_norm", "lr", "tokens/target", "tokens/prefix", "samples_skipped", "profiles_missing"]
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
-    return env
-
-
 def sft(cache, out, *overrides, nproc=1, timeout=400):
-    cmd = [sys.executable, "-m", "fastebm.cli", "sft", SFT]
-    if nproc > 1:
-        cmd += ["--nproc-per-node", str(nproc)]
     # 4 prompts per step: 2 per rank; micro-batches of 1, so a rank accumulates over two backward passes.
-    cmd += [f"run.output_dir={out}", f"model.tiny_cache_dir={cache['models']}", f"data.sample_dir={cache['data']}",
-            "log.progress=false", f"train.steps={STEPS}", "train.checkpoint_every=1", "train.keep_checkpoints=0",
-            "train.prompts_per_step=4", "train.micro_batch_size=1", *overrides]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env())
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-5000:]
-    return [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl")) if ln.strip()]
+    return run_cli("sft", SFT, cache, out, "train.prompts_per_step=4", "train.micro_batch_size=1", *overrides,
+                   nproc=nproc, timeout=timeout)
 
 
 def assert_same_step(a, b):
-    assert a["step"] == b["step"]
-    for k in COMPARED:
-        assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k, a[k], b[k])
+    assert_same(a, b, COMPARED)
 
 
 @pytest.fixture(scope="module")
