@@ -86,13 +86,7 @@ def auto_metrics(cfg: Config, preds_path: str, out_dir: str, *, teacher_path: st
     tags = tuple(cfg.data.tags)
     names = [n for n in cfg.rewards.enabled if n != "format"]
     device = resolve_device(cfg.run.device)
-    teacher: Optional[LoadedModel] = None
-    if needs_teacher(names):
-        if not teacher_path:
-            from fastebm.model.loading import resolve_model_path
-
-            teacher_path = os.path.expanduser(cfg.model.reference_path) or resolve_model_path(cfg.model)
-        teacher = load_model(teacher_path, device, cfg.model.dtype, cfg.model.attn_implementation, trainable=False)
+    teacher = _load_teacher(cfg, names, teacher_path, device)
     rewards = build_rewards(names, cfg.rewards, RewardContext(
         tags=tags, device=device, reference=teacher, tiny_cache_dir=cfg.model.tiny_cache_dir,
         video_cache_dir=cfg.video.cache_dir, kernel=cfg.grpo.kernel, shared_prefix=cfg.rollout.shared_prefix))
@@ -100,6 +94,11 @@ def auto_metrics(cfg: Config, preds_path: str, out_dir: str, *, teacher_path: st
     profiles = _profiles_of(rows, records)
     templates = prompt_templates(cfg.prompt, "ebm")  # the PCG teacher sees the training prompt
     source = PrefetchSource(cfg.video, video_geometry(teacher.model) if teacher else {}) if need_video else None
+
+    def teacher_prompt(i: int, video) -> list[int]:
+        return eval_prompt(records[i], templates, tokenizer=teacher.tokenizer, num_video_tokens=video.num_video_tokens,
+                           profiles=profiles, tags=tags, max_history_turns=cfg.data.max_history_turns,
+                           max_prompt_tokens=cfg.data.max_prompt_tokens)
 
     per: dict[str, list[Optional[float]]] = {k: [None] * len(rows) for k in
                                              ["format_strict", "format", *names, "answer_words", "completion_tokens"]}
@@ -111,10 +110,10 @@ def auto_metrics(cfg: Config, preds_path: str, out_dir: str, *, teacher_path: st
     try:
         for start in range(0, len(rows), B):
             idx = list(range(start, min(start + B, len(rows))))
-            if source is not None and start + B < len(rows):
-                source.prefetch([rows[i]["video"] for i in range(start + B, min(start + 2 * B, len(rows)))])
             videos = {}
-            if source is not None:
+            if source is not None:  # this batch's clips; the next batch's start decoding
+                if start + B < len(rows):
+                    source.prefetch([rows[i]["video"] for i in range(start + B, min(start + 2 * B, len(rows)))])
                 for i in idx:
                     try:
                         videos[i] = source.get(rows[i]["video"])
@@ -123,23 +122,14 @@ def auto_metrics(cfg: Config, preds_path: str, out_dir: str, *, teacher_path: st
                         skipped.append({"id": rows[i]["id"], "file": e.path, "reason": e.reason})
             idx = [i for i in idx if keep[i]]
             for i in idx:
-                text = rows[i]["raw_output"] or ""
-                ans = lenient_answer(text, tags)[0] or ""
-                answers[i] = ans
-                fmt = format_reward(text, tags)
-                per["format"][i], per["format_strict"][i] = fmt, float(fmt == 5.0)
-                per["answer_words"][i] = float(len(ans.split()))
-                ct = rows[i].get("completion_tokens")
-                per["completion_tokens"][i] = float(ct) if isinstance(ct, (int, float)) else None
+                answers[i], numbers = _text_metrics(rows[i], tags)
+                for k, v in numbers.items():
+                    per[k][i] = v
             if idx and names:
                 inputs = RewardInputs(records=[records[i] for i in idx], group_size=1,
                                       videos=[videos[i] for i in idx] if source is not None else [])
                 if teacher is not None:
-                    inputs.prompt_ids = [eval_prompt(records[i], templates, tokenizer=teacher.tokenizer,
-                                                     num_video_tokens=videos[i].num_video_tokens, profiles=profiles,
-                                                     tags=tags, max_history_turns=cfg.data.max_history_turns,
-                                                     max_prompt_tokens=cfg.data.max_prompt_tokens)
-                                         for i in idx]
+                    inputs.prompt_ids = [teacher_prompt(i, videos[i]) for i in idx]
                 raw = [rows[i]["raw_output"] or "" for i in idx]
                 for name, fn in rewards.items():
                     # accuracy reads the lenient answer (see the module docstring), every other reward the output
@@ -165,12 +155,38 @@ def auto_metrics(cfg: Config, preds_path: str, out_dir: str, *, teacher_path: st
               "teacher": teacher.path if teacher else None, "overall": group(kept),
               "by_data_source": {src: group(ids) for src, ids in sorted(by_source.items())},
               "skipped": skipped}
+    _write_metrics(result, out_dir)
+    return result
+
+
+def _load_teacher(cfg: Config, names: list[str], teacher_path: str, device) -> Optional[LoadedModel]:
+    """The teacher model the enabled rewards need (``--teacher``, else ``model.reference_path``, else the
+    recipe's model), or None when none does."""
+    if not needs_teacher(names):
+        return None
+    if not teacher_path:
+        from fastebm.model.loading import resolve_model_path
+
+        teacher_path = os.path.expanduser(cfg.model.reference_path) or resolve_model_path(cfg.model)
+    return load_model(teacher_path, device, cfg.model.dtype, cfg.model.attn_implementation, trainable=False)
+
+
+def _text_metrics(row: dict, tags) -> tuple[str, dict]:
+    """A prediction's lenient answer and its text-only numbers: format (and strict), answer words, tokens."""
+    text = row["raw_output"] or ""
+    ans = lenient_answer(text, tags)[0] or ""
+    fmt = format_reward(text, tags)
+    ct = row.get("completion_tokens")
+    return ans, {"format": fmt, "format_strict": float(fmt == 5.0), "answer_words": float(len(ans.split())),
+                 "completion_tokens": float(ct) if isinstance(ct, (int, float)) else None}
+
+
+def _write_metrics(result: dict, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1, ensure_ascii=False)
     with open(os.path.join(out_dir, "metrics.md"), "w", encoding="utf-8") as f:
         f.write(markdown_table(result))
-    return result
 
 
 def _fmt(v) -> str:
