@@ -59,12 +59,13 @@ log = logging.getLogger("fastebm")
 
 @dataclass
 class Sampling:
-    """How completions are sampled (the ``[eval]`` section, or VideoQA's greedy decoding)."""
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 0
-    max_new_tokens: int = 2048
-    seed: int = 0
+    """How completions are sampled: the ``[eval]`` section (``from_config``; the defaults live there), or
+    VideoQA's greedy decoding."""
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
+    seed: int
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Sampling":
